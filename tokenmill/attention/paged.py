@@ -1,0 +1,106 @@
+"""Paged attention in plain PyTorch: the reference every faster kernel is tested against.
+
+KV pool of one layer (one for K, one for V):
+
+    cache[num_blocks, block_size, Hkv, D]       slot s = block * block_size + offset
+    cache.view(-1, Hkv, D)[slot_mapping] = k     (write the step's new tokens)
+
+A request's context is gathered through its block table, so its tokens need not be contiguous.
+Runs on any device; numerics: softmax in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where the step's T flattened tokens go and what each attends to.
+
+    Requests with one new token (decodes) are batched in one gather; requests with several
+    (prefill chunks) are computed one by one with SDPA."""
+
+    slot_mapping: torch.Tensor  # [T] long: KV slot of each new token
+    # decodes: token index in the flat batch, block tables padded with 0, context lengths
+    decode_token_idx: torch.Tensor  # [B] long
+    decode_block_tables: torch.Tensor  # [B, max_blocks] long
+    decode_ctx_lens: torch.Tensor  # [B] long
+    # prefill chunks: (first token index, number of tokens, context length incl. them, blocks)
+    prefills: list[tuple[int, int, int, torch.Tensor]]
+    num_tokens: int
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K and V ([T, Hkv, D]) at their slots."""
+    _, _, hkv, d = k_cache.shape
+    k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
+    """A request's first ctx_len tokens of K or V, contiguous: [ctx_len, Hkv, D]."""
+    _, bs, hkv, d = cache.shape
+    return cache[block_table].view(-1, hkv, d)[:ctx_len]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D] for the step's tokens, whose K/V are already written. Returns [T, H, D]."""
+    t, h, d = q.shape
+    hkv = k_cache.shape[2]
+    out = torch.empty_like(q)
+    if meta.decode_token_idx.numel():
+        out[meta.decode_token_idx] = _decode_attention(
+            q[meta.decode_token_idx], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale
+        )
+    for start, n, ctx_len, block_table in meta.prefills:
+        k = gather_kv(k_cache, block_table, ctx_len)  # [S, Hkv, D]
+        v = gather_kv(v_cache, block_table, ctx_len)
+        out[start : start + n] = _prefill_attention(q[start : start + n], k, v, scale, h // hkv)
+    return out
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       group: int) -> torch.Tensor:
+    """Causal attention of n new queries over S = past + n keys. q [n, H, D], k/v [S, Hkv, D]."""
+    n, s = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, n, D], [Hkv, S, D]
+    if group > 1:
+        kh = kh.repeat_interleave(group, dim=0)
+        vh = vh.repeat_interleave(group, dim=0)
+    if s == n:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        # query i sits at position s - n + i and sees keys 0 .. s - n + i
+        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per request. q [B, H, D]; block_tables [B, nb]; returns [B, H, D]."""
+    b, h, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    g = h // hkv
+    s = block_tables.shape[1] * bs
+    k = k_cache[block_tables].view(b, s, hkv, d)  # [B, S, Hkv, D]
+    v = v_cache[block_tables].view(b, s, hkv, d)
+    qg = q.view(b, hkv, g, d)
+    scores = torch.einsum("bhgd,bshd->bhgs", qg.float(), k.float()) * scale  # [B, Hkv, G, S]
+    pad = torch.arange(s, device=q.device)[None, :] >= ctx_lens[:, None]  # [B, S]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    o = torch.einsum("bhgs,bshd->bhgd", p, v.float())  # [B, Hkv, G, D]
+    return o.reshape(b, h, d).to(q.dtype)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain causal attention over contiguous q/k/v [S, H(kv), D]: the oracle for tests."""
+    h, hkv = q.shape[1], k.shape[1]
+    return _prefill_attention(q, k, v, scale, h // hkv)

@@ -1,0 +1,153 @@
+"""Scheduler: continuous batching that hands out tokens, not phases.
+
+Every step the running requests are served first (in arrival order), then waiting requests
+join while `max_num_seqs` and the token budget allow. A request gets
+min(num_tokens - num_computed_tokens, budget left) tokens, so a long prompt is split over steps
+(chunked prefill) and never stalls the running decodes. When the pool runs out of blocks the
+newest running request is preempted by recompute: its blocks are freed, its counters reset, and
+it goes back to the front of the waiting queue with its generated tokens kept as prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.request import Request, RequestStatus
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+
+    # -- queue management ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """End a request (stop string, abort): free its blocks, drop it from the queues."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif not request.status.finished:
+            self.waiting.remove(request)
+        request.status = status
+        self._free(request)
+
+    def _free(self, request: Request) -> None:
+        self.kv.free(request)
+        self._finished_ids.append(request.request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()  # newest request
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted; everything after it too
+
+        while (
+            self.waiting
+            and not preempted
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            cached = []
+            if request.num_computed_tokens == 0:
+                cached = self.kv.find_cached_prefix(request)
+            num_computed = request.num_computed_tokens + len(cached) * self.kv.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            if not self.kv.allocate_slots(request, num_new, cached):
+                break
+            self.waiting.popleft()
+            if request.num_preemptions == 0 and request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_computed
+            request.num_computed_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+        out = []
+        for request, num_new in scheduled:
+            start = request.num_computed_tokens
+            out.append(
+                ScheduledRequest(
+                    request_id=request.request_id,
+                    token_ids=request.all_token_ids[start : start + num_new],
+                    start=start,
+                    block_table=list(self.kv.get_block_table(request.request_id)),
+                    sample=start + num_new == request.num_tokens,
+                )
+            )
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(requests=out, preempted=preempted, finished=finished)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        log.info("preempted request %s (recompute %d tokens later)", request.request_id, request.num_tokens)
+
+    def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[Request]:
+        """Advance counters by what was computed, append sampled tokens, finish stopped requests.
+
+        Returns the requests that received a token this step (finished ones included)."""
+        updated = []
+        for sched in scheduler_output.requests:
+            request = self.requests.get(sched.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted during the step
+            request.num_computed_tokens += sched.num_tokens
+            token = runner_output.sampled.get(sched.request_id)
+            if token is None:
+                continue
+            request.append_token(token)
+            updated.append(request)
+            if request.check_stop(self.config.max_model_len):
+                self.running.remove(request)
+                del self.requests[request.request_id]
+                self._free(request)
+        return updated

@@ -1,0 +1,69 @@
+"""load_model: a path (GGUF file or HF directory) -> an nn.Module on the device, with a progress bar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tokenmill.config import ModelConfig
+from tokenmill.loader.resolve import ModelLoadError
+from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.model.layers import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    file_bytes: int  # bytes of weights in the file (packed size for quantized GGUF)
+    gguf_reader: object | None  # kept for the tokenizer, which reads the same file
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True) -> LoadedModel:
+    if path.is_dir():
+        from tokenmill.loader.hf_loader import hf_model_config, hf_num_tensors, hf_state_dict
+
+        cfg = hf_model_config(path)
+        total = hf_num_tensors(path)
+        tensors = hf_state_dict(path, dtype)
+        reader = None
+    else:
+        from tokenmill.loader.gguf_loader import gguf_model_config, gguf_state_dict, open_gguf
+
+        reader = open_gguf(path)
+        cfg = gguf_model_config(reader, path)
+        total = len(reader.tensors)
+        tensors = gguf_state_dict(reader, cfg, dtype)
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    expected = {n for n, _ in model.named_parameters()}
+    if cfg.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    state: dict[str, torch.Tensor] = {}
+    file_bytes = 0
+    with Progress(
+        TextColumn(f"loading {path.name}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
+        TimeRemainingColumn(), transient=True, disable=not show_progress,
+    ) as progress:
+        task = progress.add_task("load", total=total)
+        for name, tensor, nbytes in tensors:
+            progress.advance(task)
+            if name not in expected:
+                continue
+            state[name] = tensor.to(device)
+            file_bytes += nbytes
+    missing = expected - state.keys()
+    if missing:
+        raise ModelLoadError(f"{path.name} lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
+    for name, param in model.named_parameters():
+        if name in state and tuple(state[name].shape) != tuple(param.shape):
+            raise ModelLoadError(f"{path.name}: weight {name} has shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling).to(device)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, config=cfg, file_bytes=file_bytes, gguf_reader=reader)
