@@ -1,15 +1,184 @@
-"""tokenmill command line: generate | chat | serve | bench | plan."""
+"""tokenmill command line: generate | chat | bench | plan."""
 
 from __future__ import annotations
 
-import typer
+import json
+import sys
+from pathlib import Path
+from typing import Optional
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenmill: an LLM inference engine built around the memory wall.")
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tokenmill.loader.resolve import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="tokenmill: an LLM inference engine built around the memory wall.")
 bench_app = typer.Typer(no_args_is_help=True, help="Measure tokenmill on this machine.")
 app.add_typer(bench_app, name="bench")
+err = Console(stderr=True)
+
+MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="GGUF file, Hugging Face directory, or alias")
+DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
+DTYPE = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
+KV_GB = typer.Option(1.0, "--kv-cache-memory-gb", help="memory budget of the paged KV cache")
+
+
+def _user_errors():
+    from tokenmill.config import ConfigError
+    from tokenmill.loader.resolve import ModelLoadError
+    from tokenmill.sampling_params import InvalidRequestError
+
+    return (ConfigError, ModelLoadError, InvalidRequestError, ValueError, OSError)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+    raise typer.Exit(1)
+
+
+def _llm(model, device, dtype, kv_gb, **kw):
+    from tokenmill.llm import LLM
+
+    return LLM(model, device=device, dtype=dtype, kv_cache_memory_gb=kv_gb, **kw)
+
+
+def _params(max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos=False, repetition_penalty=1.0):
+    from tokenmill.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          seed=seed, stop=stop or None, ignore_eos=ignore_eos,
+                          repetition_penalty=repetition_penalty)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the prompt text"),
+    model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, kv_cache_memory_gb: float = KV_GB,
+    max_tokens: int = typer.Option(64, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0, repetition_penalty: float = 1.0,
+    seed: Optional[int] = None,
+    stop: list[str] = typer.Option([], help="stop string (repeatable)"),
+    ignore_eos: bool = False,
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
+    stream: bool = typer.Option(True, help="print tokens as they come"),
+) -> None:
+    """Generate a completion for one prompt."""
+    try:
+        params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos, repetition_penalty)
+        llm = _llm(model, device, dtype, kv_cache_memory_gb)
+        source: str | dict = prompt
+        if chat:
+            tok = llm.get_tokenizer()
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}])
+            source = {"prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+        if stream:
+            for out in llm.stream(source, params):
+                sys.stdout.write(out.outputs[0].delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            print(llm.generate(source, params, use_progress=False)[0].outputs[0].text)
+    except _user_errors() as e:
+        _fail(e)
+
+
+@app.command()
+def chat(
+    model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, kv_cache_memory_gb: float = KV_GB,
+    system: Optional[str] = typer.Option(None, help="system message"),
+    max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9, top_k: int = -1, min_p: float = 0.0,
+    seed: Optional[int] = None,
+) -> None:
+    """Talk to the model (streaming, chat template from the model). Ctrl-D or /exit ends it."""
+    try:
+        params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, [])
+        llm = _llm(model, device, dtype, kv_cache_memory_gb)
+        tok = llm.get_tokenizer()
+        messages = [{"role": "system", "content": system}] if system else []
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                return
+            if line.strip() in ("/exit", "/quit"):
+                return
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+            sys.stdout.write("assistant> ")
+            reply = ""
+            for out in llm.stream({"prompt_token_ids": ids}, params):
+                reply += out.outputs[0].delta
+                sys.stdout.write(out.outputs[0].delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": reply})
+    except _user_errors() as e:
+        _fail(e)
+
+
+def _print_result(title: str, data: dict, json_out: bool, output: Optional[Path]) -> None:
+    if output:
+        output.write_text(json.dumps(data, indent=2) + "\n")
+    if json_out:
+        print(json.dumps(data))
+        return
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for k, v in data.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+@bench_app.command("latency")
+def bench_latency_cmd(
+    model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE,
+    input_len: int = 128, output_len: int = 64, repeats: int = 5,
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
+) -> None:
+    """Batch-1 prefill tokens/s and decode ms/token, beside the bytes-per-token bound."""
+    from tokenmill.bench.runs import as_dict, bench_latency
+
+    try:
+        llm = _llm(model, device, dtype, 0.25, max_num_batched_tokens=max(512, input_len),
+                   max_model_len=input_len + output_len + 16)
+        _print_result("tokenmill bench latency", as_dict(bench_latency(llm, input_len, output_len, repeats)),
+                      json_out, output)
+    except _user_errors() as e:
+        _fail(e)
+
+
+@bench_app.command("throughput")
+def bench_throughput_cmd(
+    model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, kv_cache_memory_gb: float = KV_GB,
+    num_requests: int = 32, input_len: int = 128, output_len: int = 128,
+    max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
+    output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
+) -> None:
+    """N requests submitted together: output tokens/s and achieved bandwidth."""
+    from tokenmill.bench.runs import as_dict, bench_throughput
+
+    try:
+        llm = _llm(model, device, dtype, kv_cache_memory_gb, max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=input_len + output_len + 16)
+        _print_result("tokenmill bench throughput",
+                      as_dict(bench_throughput(llm, num_requests, input_len, output_len)), json_out, output)
+    except _user_errors() as e:
+        _fail(e)
 
 
 def main() -> None:
+    from tokenmill.logs import setup_logging
+
+    setup_logging()
     app()
 
 

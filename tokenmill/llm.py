@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.loader.resolve import DEFAULT_MODEL
+from tokenmill.logs import setup_logging
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
 
@@ -49,6 +50,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
         )
+        setup_logging()
         self.engine = LLMEngine(config, show_progress=show_progress)
         self.show_progress = show_progress
         self._counter = 0
