@@ -12,11 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tokenmill.loader.resolve import DEFAULT_MODEL
+from tokenmill.plan.cli import plan_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="tokenmill: an LLM inference engine built around the memory wall.")
 bench_app = typer.Typer(no_args_is_help=True, help="Measure tokenmill on this machine.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(plan_app, name="plan")
 err = Console(stderr=True)
 
 MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="GGUF file, Hugging Face directory, or alias")
@@ -173,6 +175,14 @@ def bench_throughput_cmd(
                       as_dict(bench_throughput(llm, num_requests, input_len, output_len)), json_out, output)
     except _user_errors() as e:
         _fail(e)
+
+
+@bench_app.command("bandwidth")
+def bench_bandwidth_cmd(json_out: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """STREAM copy/triad memory bandwidth of this machine (cached for the other benchmarks)."""
+    from tokenmill.bench.bandwidth import bandwidth_command
+
+    bandwidth_command(json_out)
 
 
 def main() -> None:
