@@ -183,7 +183,9 @@ class LLMEngine:
             entry[token] = lp
             track.logprobs.append(entry)
             track.cumulative_logprob += lp
-        delta = track.detok.update([token])
+        # a stop token (eos or stop_token_ids) ends the output but adds no text, as in vLLM
+        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
+        delta = "" if stopped_by_token else track.detok.update([token])
         if track.detok.stop_reason is not None:
             if not request.status.finished:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
