@@ -14,11 +14,11 @@ def model_path():
 
 @pytest.fixture(scope="session")
 def llm():
-    """The real SmolLM2-135M in float32 on CPU, with a pool large enough to avoid preemption."""
+    """The real SmolLM2-135M dequantized to float32 on CPU, with a pool large enough to avoid preemption."""
     from tokenmill.llm import LLM
 
-    return LLM("smollm2-135m", device="cpu", dtype="float32", kv_cache_memory_gb=0.25,
-               max_num_batched_tokens=256, max_model_len=1024, show_progress=False)
+    return LLM("smollm2-135m", device="cpu", dtype="float32", quantization="none",
+               kv_cache_memory_gb=0.25, max_num_batched_tokens=256, max_model_len=1024, show_progress=False)
 
 
 @pytest.fixture(scope="session")

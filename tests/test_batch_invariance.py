@@ -71,7 +71,8 @@ def test_prefix_cache_hits_give_same_tokens(llm, solo):
 
 
 def test_preemption_gives_same_tokens(solo):
-    small = LLM("smollm2-135m", device="cpu", dtype="float32", num_kv_blocks=24, max_num_seqs=16,
+    small = LLM("smollm2-135m", device="cpu", dtype="float32", quantization="none", num_kv_blocks=24,
+                max_num_seqs=16,
                 max_num_batched_tokens=128, max_model_len=384, show_progress=False)
     batch = small.generate(_prompts(), _params())
     assert small.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"

@@ -83,7 +83,9 @@ def test_logprobs_are_consistent(llm):
     "kwargs, field",
     [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -5}, "top_k"),
      ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 99}, "logprobs"), ({"stop": [""]}, "stop"),
-     ({"presence_penalty": 3}, "presence_penalty"), ({"n": 0}, "n"), ({"min_p": 2}, "min_p")],
+     ({"presence_penalty": 3}, "presence_penalty"), ({"n": 0}, "n"), ({"min_p": 2}, "min_p"),
+     ({"temperature": float("nan")}, "temperature"), ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+     ({"top_p": float("inf")}, "top_p")],
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError, match=f"invalid {field}="):

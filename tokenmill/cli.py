@@ -12,19 +12,32 @@ from rich.console import Console
 from rich.table import Table
 
 from tokenmill.loader.resolve import DEFAULT_MODEL
+from tokenmill.eval.cli import eval_app
 from tokenmill.plan.cli import plan_app
+from tokenmill.server.cli import bench_serve_command, serve_command, usage_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="tokenmill: an LLM inference engine built around the memory wall.")
 bench_app = typer.Typer(no_args_is_help=True, help="Measure tokenmill on this machine.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(plan_app, name="plan")
+app.add_typer(eval_app, name="eval")
+app.command("serve")(serve_command)
+app.command("usage")(usage_command)
+bench_app.command("serve")(bench_serve_command)
 err = Console(stderr=True)
 
 MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="GGUF file, Hugging Face directory, or alias")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N")
 DTYPE = typer.Option("auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16")
 KV_GB = typer.Option(1.0, "--kv-cache-memory-gb", help="memory budget of the paged KV cache")
+QUANT = typer.Option("auto", help="weights: auto (GGUF quantized tensors packed) | none | int8 | int4 | fp8")
+GROUP = typer.Option(32, "--group-size", help="int4 group size: 32 | 64 | 128")
+KV_DTYPE = typer.Option("auto", help="KV cache: auto (the compute dtype) | int8 | fp8")
+SPEC_METHOD = typer.Option("none", "--speculative-method",
+                           help="speculative decoding: none | ngram | draft (--draft-model) | self (int4 copy)")
+SPEC_TOKENS = typer.Option(4, "--speculative-tokens", help="draft tokens verified per step (k)")
+DRAFT_MODEL = typer.Option(None, "--draft-model", help="draft model for --speculative-method draft")
 
 
 def _user_errors():
@@ -36,14 +49,30 @@ def _user_errors():
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+    # one line, never wrapped, no markup: the message may contain brackets
+    err.print(f"error: {e}".splitlines()[0], highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
-def _llm(model, device, dtype, kv_gb, **kw):
+def _llm(model, device, dtype, kv_gb, quantization="auto", group_size=32, kv_cache_dtype="auto", **kw):
     from tokenmill.llm import LLM
 
-    return LLM(model, device=device, dtype=dtype, kv_cache_memory_gb=kv_gb, **kw)
+    return LLM(model, device=device, dtype=dtype, kv_cache_memory_gb=kv_gb, quantization=quantization,
+               quant_group_size=group_size, kv_cache_dtype=kv_cache_dtype, **kw)
+
+
+def _spec(method: str, tokens: int, draft_model: str | None) -> dict | None:
+    if method == "none":
+        return None
+    return {"method": method, "num_speculative_tokens": tokens, "draft_model": draft_model}
+
+
+def _spec_figures(llm) -> dict:
+    s = llm.engine.stats.spec
+    if s.method == "none":
+        return {}
+    return {"spec_method": s.method, "spec_acceptance_rate": s.acceptance_rate,
+            "spec_mean_accepted_tokens": s.mean_accepted_tokens, "spec_tokens_per_pass": s.tokens_per_pass}
 
 
 def _params(max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos=False, repetition_penalty=1.0):
@@ -58,6 +87,7 @@ def _params(max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos
 def generate(
     prompt: str = typer.Argument(..., help="the prompt text"),
     model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, kv_cache_memory_gb: float = KV_GB,
+    quantization: str = QUANT, group_size: int = GROUP, kv_cache_dtype: str = KV_DTYPE,
     max_tokens: int = typer.Option(64, help="tokens to generate at most"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = 1.0, top_k: int = -1, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -66,11 +96,14 @@ def generate(
     ignore_eos: bool = False,
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template"),
     stream: bool = typer.Option(True, help="print tokens as they come"),
+    speculative_method: str = SPEC_METHOD, speculative_tokens: int = SPEC_TOKENS,
+    draft_model: Optional[str] = DRAFT_MODEL,
 ) -> None:
     """Generate a completion for one prompt."""
     try:
         params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos, repetition_penalty)
-        llm = _llm(model, device, dtype, kv_cache_memory_gb)
+        llm = _llm(model, device, dtype, kv_cache_memory_gb, quantization, group_size, kv_cache_dtype,
+                   speculative=_spec(speculative_method, speculative_tokens, draft_model))
         source: str | dict = prompt
         if chat:
             tok = llm.get_tokenizer()
@@ -90,6 +123,7 @@ def generate(
 @app.command()
 def chat(
     model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, kv_cache_memory_gb: float = KV_GB,
+    quantization: str = QUANT, group_size: int = GROUP, kv_cache_dtype: str = KV_DTYPE,
     system: Optional[str] = typer.Option(None, help="system message"),
     max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9, top_k: int = -1, min_p: float = 0.0,
     seed: Optional[int] = None,
@@ -97,7 +131,7 @@ def chat(
     """Talk to the model (streaming, chat template from the model). Ctrl-D or /exit ends it."""
     try:
         params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, [])
-        llm = _llm(model, device, dtype, kv_cache_memory_gb)
+        llm = _llm(model, device, dtype, kv_cache_memory_gb, quantization, group_size, kv_cache_dtype)
         tok = llm.get_tokenizer()
         messages = [{"role": "system", "content": system}] if system else []
         while True:
@@ -141,6 +175,7 @@ def _print_result(title: str, data: dict, json_out: bool, output: Optional[Path]
 @bench_app.command("latency")
 def bench_latency_cmd(
     model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE,
+    quantization: str = QUANT, group_size: int = GROUP, kv_cache_dtype: str = KV_DTYPE,
     input_len: int = 128, output_len: int = 64, repeats: int = 5,
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
@@ -149,7 +184,8 @@ def bench_latency_cmd(
     from tokenmill.bench.runs import as_dict, bench_latency
 
     try:
-        llm = _llm(model, device, dtype, 0.25, max_num_batched_tokens=max(512, input_len),
+        llm = _llm(model, device, dtype, 0.25, quantization, group_size, kv_cache_dtype,
+                   max_num_batched_tokens=max(512, input_len),
                    max_model_len=input_len + output_len + 16)
         _print_result("tokenmill bench latency", as_dict(bench_latency(llm, input_len, output_len, repeats)),
                       json_out, output)
@@ -160,19 +196,25 @@ def bench_latency_cmd(
 @bench_app.command("throughput")
 def bench_throughput_cmd(
     model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE, kv_cache_memory_gb: float = KV_GB,
+    quantization: str = QUANT, group_size: int = GROUP, kv_cache_dtype: str = KV_DTYPE,
     num_requests: int = 32, input_len: int = 128, output_len: int = 128,
     max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+    speculative_method: str = SPEC_METHOD, speculative_tokens: int = SPEC_TOKENS,
+    draft_model: Optional[str] = DRAFT_MODEL,
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
 ) -> None:
-    """N requests submitted together: output tokens/s and achieved bandwidth."""
+    """N requests submitted together: output tokens/s and achieved bandwidth (with speculative
+    decoding: its acceptance rate and tokens per verification pass)."""
     from tokenmill.bench.runs import as_dict, bench_throughput
 
     try:
-        llm = _llm(model, device, dtype, kv_cache_memory_gb, max_num_seqs=max_num_seqs,
-                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=input_len + output_len + 16)
-        _print_result("tokenmill bench throughput",
-                      as_dict(bench_throughput(llm, num_requests, input_len, output_len)), json_out, output)
+        llm = _llm(model, device, dtype, kv_cache_memory_gb, quantization, group_size, kv_cache_dtype,
+                   max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=input_len + output_len + 16,
+                   speculative=_spec(speculative_method, speculative_tokens, draft_model))
+        result = as_dict(bench_throughput(llm, num_requests, input_len, output_len))
+        _print_result("tokenmill bench throughput", result | _spec_figures(llm), json_out, output)
     except _user_errors() as e:
         _fail(e)
 

@@ -84,6 +84,48 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding: a proposer guesses up to `num_speculative_tokens` tokens per request
+    and step, and the target verifies them all in the step's one forward pass.
+
+    method: none | ngram (prompt lookup, no extra model) | draft (`draft_model`, any smaller
+    model with the same tokenizer) | self (the target's own weights quantized to
+    `self_quantization`). `max_batch` turns speculation off while more requests run than it
+    says; None measures the pass cost on this machine at start-up and decides from it and the
+    acceptance seen so far (see spec/adaptive.py); `adaptive=False` always speculates.
+    """
+
+    method: str = "none"
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None
+    self_quantization: str = "int4"
+    ngram_min: int = 1
+    ngram_max: int = 4
+    adaptive: bool = True
+    max_batch: int | None = None
+
+    METHODS = ("none", "ngram", "draft", "self")
+
+    def __post_init__(self) -> None:
+        if self.method not in self.METHODS:
+            raise ConfigError(f"speculative method={self.method!r}: accepted {', '.join(self.METHODS)}")
+        if not 0 <= self.num_speculative_tokens <= 16:
+            raise ConfigError(f"num_speculative_tokens={self.num_speculative_tokens}: must be in [0, 16]")
+        if self.method == "draft" and not self.draft_model:
+            raise ConfigError("speculative method 'draft' needs draft_model (a path or alias)")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(f"ngram_min={self.ngram_min}, ngram_max={self.ngram_max}: need 1 <= min <= max")
+        if self.self_quantization != "int4":
+            raise ConfigError(f"self_quantization={self.self_quantization!r}: accepted int4")
+        if self.max_batch is not None and self.max_batch < 0:
+            raise ConfigError(f"speculative max_batch={self.max_batch}: must be >= 0 or None (measured)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none" and self.num_speculative_tokens > 0
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str = "smollm2-135m"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -92,11 +134,26 @@ class EngineConfig:
     threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpecConfig = field(default_factory=SpecConfig)
+    # weights: auto = GGUF quantized tensors run packed, float models stay float (docs/quantization.md)
+    quantization: str = "auto"  # auto | none | int8 | int4 | fp8
+    quant_group_size: int = 32  # int4 only
+    kv_cache_dtype: str = "auto"  # auto (= the compute dtype) | int8 | fp8
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
+    QUANTIZATIONS = ("auto", "none", "int8", "int4", "fp8")
+    GROUP_SIZES = (32, 64, 128)
+    KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
     def __post_init__(self) -> None:
         if self.dtype not in self.DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: accepted {', '.join(self.DTYPES)}")
+        if self.quantization not in self.QUANTIZATIONS:
+            raise ConfigError(f"quantization={self.quantization!r}: accepted {', '.join(self.QUANTIZATIONS)}")
+        if self.quant_group_size not in self.GROUP_SIZES:
+            raise ConfigError(f"quant_group_size={self.quant_group_size}: accepted "
+                              f"{', '.join(map(str, self.GROUP_SIZES))}")
+        if self.kv_cache_dtype not in self.KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: accepted {', '.join(self.KV_CACHE_DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r}: accepted auto, cpu, cuda, cuda:N")

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tokenmill.config import CacheConfig, EngineConfig, SchedulerConfig
+from tokenmill.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, SpecConfig
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.loader.resolve import DEFAULT_MODEL
 from tokenmill.logs import setup_logging
@@ -37,18 +37,33 @@ class LLM:
         max_model_len: int = 2048,
         seed: int = 0,
         threads: int | None = None,
+        quantization: str = "auto",
+        quant_group_size: int = 32,
+        kv_cache_dtype: str = "auto",
+        speculative: SpecConfig | dict | None = None,
         show_progress: bool = True,
     ) -> None:
+        """`speculative`: a SpecConfig or its fields as a dict, e.g.
+        {"method": "ngram", "num_speculative_tokens": 4} (docs/speculative.md)."""
+        if isinstance(speculative, dict):
+            unknown = speculative.keys() - SpecConfig.__dataclass_fields__.keys()
+            if unknown:
+                raise ConfigError(f"speculative: unknown field(s) {', '.join(sorted(unknown))}")
+            speculative = SpecConfig(**speculative)
         config = EngineConfig(
             model=model,
             device=device,
             dtype=dtype,
             seed=seed,
             threads=threads,
+            quantization=quantization,
+            quant_group_size=quant_group_size,
+            kv_cache_dtype=kv_cache_dtype,
             cache=CacheConfig(block_size=block_size, memory_bytes=int(kv_cache_memory_gb * 2**30),
                               num_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
+            speculative=speculative or SpecConfig(),
         )
         setup_logging()
         self.engine = LLMEngine(config, show_progress=show_progress)

@@ -33,6 +33,10 @@ class Request:
     The scheduler speaks tokens, not phases: `num_tokens - num_computed_tokens` tokens still
     need their KV computed. A fresh prompt, a chunk of a long prompt, a decode step and a
     recompute after preemption are all the same thing: hand out some of those tokens.
+
+    `spec_token_ids` are guessed continuations (speculative decoding) that the engine sets
+    before a step; they are not tokens of the request until the target accepts them. The
+    scheduler may hand them out beside the last token, so that one step scores them all.
     """
 
     request_id: str
@@ -49,6 +53,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     max_tokens: int = 16  # resolved against the context window by the engine
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts for the next step only
 
     @property
     def num_tokens(self) -> int:

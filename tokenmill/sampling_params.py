@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -16,6 +17,7 @@ class SamplingParams:
     temperature == 0 means greedy. top_k <= 0 (or -1) and top_p == 1 and min_p == 0 disable
     those filters. `seed` makes the request's samples reproducible regardless of what else runs
     in the same batch. `logprobs=n` returns the sampled token's logprob and the n most likely.
+    `speculative=False` opts a request out of speculative decoding (same output distribution).
     """
 
     n: int = 1
@@ -35,6 +37,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    speculative: bool = True  # may the engine's speculative decoding serve this request
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     MAX_LOGPROBS = 20
@@ -70,6 +73,8 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= self.MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {self.MAX_LOGPROBS}] or None")
+        if not isinstance(self.speculative, bool):
+            raise bad("speculative", "must be true or false")
         stop = self.stop
         if isinstance(stop, str):
             stop = [stop]
@@ -88,4 +93,5 @@ class SamplingParams:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite int or float (NaN and infinity are rejected: every comparison with NaN is False)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

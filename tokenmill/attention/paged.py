@@ -7,6 +7,10 @@ KV pool of one layer (one for K, one for V):
 
 A request's context is gathered through its block table, so its tokens need not be contiguous.
 Runs on any device; numerics: softmax in float32.
+
+A pool may instead be a QuantizedKVPool (int8/fp8 codes with per-token, per-head scales,
+tokenmill/quant/kv.py): writes quantize, and the gather below dequantizes to the compute dtype;
+everything after the gather is the same code.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tokenmill.quant.kv import QuantizedKVPool
+
+KVPool = torch.Tensor | QuantizedKVPool
 
 
 @dataclass(frozen=True)
@@ -34,21 +42,32 @@ class AttentionMetadata:
     num_tokens: int
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def write_kv(k_cache: KVPool, v_cache: KVPool, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' K and V ([T, Hkv, D]) at their slots."""
+    if isinstance(k_cache, QuantizedKVPool):
+        k_cache.write(slot_mapping, k)
+        v_cache.write(slot_mapping, v)
+        return
     _, _, hkv, d = k_cache.shape
     k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
+def gather_blocks(cache: KVPool, blocks: torch.Tensor) -> torch.Tensor:
+    """cache[blocks]: [..., block_size, Hkv, D] in the compute dtype (dequantized if quantized)."""
+    if isinstance(cache, QuantizedKVPool):
+        return cache.gather(blocks)
+    return cache[blocks]
+
+
+def gather_kv(cache: KVPool, block_table: torch.Tensor, ctx_len: int) -> torch.Tensor:
     """A request's first ctx_len tokens of K or V, contiguous: [ctx_len, Hkv, D]."""
     _, bs, hkv, d = cache.shape
-    return cache[block_table].view(-1, hkv, d)[:ctx_len]
+    return gather_blocks(cache, block_table).view(-1, hkv, d)[:ctx_len]
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D] for the step's tokens, whose K/V are already written. Returns [T, H, D]."""
     t, h, d = q.shape
@@ -82,15 +101,15 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return o.transpose(0, 1)
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                       block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query per request. q [B, H, D]; block_tables [B, nb]; returns [B, H, D]."""
     b, h, d = q.shape
     _, bs, hkv, _ = k_cache.shape
     g = h // hkv
     s = block_tables.shape[1] * bs
-    k = k_cache[block_tables].view(b, s, hkv, d)  # [B, S, Hkv, D]
-    v = v_cache[block_tables].view(b, s, hkv, d)
+    k = gather_blocks(k_cache, block_tables).view(b, s, hkv, d)  # [B, S, Hkv, D]
+    v = gather_blocks(v_cache, block_tables).view(b, s, hkv, d)
     qg = q.view(b, hkv, g, d)
     scores = torch.einsum("bhgd,bshd->bhgs", qg.float(), k.float()) * scale  # [B, Hkv, G, S]
     pad = torch.arange(s, device=q.device)[None, :] >= ctx_lens[:, None]  # [B, S]

@@ -9,7 +9,8 @@ A request's block table maps its token positions to KV slots:
 
 A full block's hash chains its tokens with its parent's hash, so equal hashes mean equal
 prefixes: hash_i = hash((hash_{i-1}, tokens of block i)). Only blocks whose tokens are all
-known and scheduled for computation are hashed.
+known and scheduled for computation are hashed: speculative drafts are not known tokens, so
+their slots are never hashed, and `trim` gives back blocks that only held rejected drafts.
 """
 
 from __future__ import annotations
@@ -83,10 +84,34 @@ class KVCacheManager:
             table = table + self.pool.allocate(need)
         self.block_tables[request.request_id] = table
         if self.enable_prefix_caching:
-            hashes = self._hash_blocks(request, min(total, request.num_tokens))
+            # only blocks whose tokens are all known and computed by the end of this step:
+            # the chain may already be longer (find_cached_prefix hashes the whole prompt)
+            known = min(total, request.num_tokens)
+            hashes = self._hash_blocks(request, known)[: known // self.block_size]
             for block_id, h in zip(table, hashes):
                 self.pool.cache(block_id, h)
         return True
+
+    def trim(self, request: Request) -> int:
+        """Roll back speculative slots: drop the table's blocks past those that positions
+        [0, request.num_computed_tokens) need, and return how many were released.
+
+        Speculative decoding writes KV for k drafts beyond the request's real tokens; the
+        scheduler then counts as computed only the positions whose tokens were accepted.
+        Invariant after trim: len(table) == ceil(num_computed_tokens / block_size), every
+        position below num_computed_tokens holds KV of the request's real tokens, and no hash
+        covers a rejected slot: allocate_slots hashes only blocks full of tokens that were real
+        when it ran, all below the new num_computed_tokens, so a trimmed block never carries a
+        hash. Rejected slots inside the last kept block are overwritten when those positions are
+        computed again, before num_computed_tokens passes them."""
+        table = self.block_tables.get(request.request_id)
+        keep = -(-request.num_computed_tokens // self.block_size)
+        if not table or len(table) <= keep:
+            return 0
+        dropped = table[keep:]
+        del table[keep:]
+        self.pool.free(reversed(dropped))
+        return len(dropped)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks (tail first) and forget its table. Idempotent."""

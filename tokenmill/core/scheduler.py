@@ -6,6 +6,13 @@ min(num_tokens - num_computed_tokens, budget left) tokens, so a long prompt is s
 (chunked prefill) and never stalls the running decodes. When the pool runs out of blocks the
 newest running request is preempted by recompute: its blocks are freed, its counters reset, and
 it goes back to the front of the waiting queue with its generated tokens kept as prompt.
+
+Speculative decoding is more of the same: a running request in decode position (one token to
+compute) that carries drafts (`Request.spec_token_ids`) gets 1 + k tokens, the drafts trimmed to
+the token budget and the context window, and dropped altogether rather than preempting anyone.
+`update` counts as computed only the last real token and the accepted drafts, appends the
+accepted tokens one by one with a stop check after each, and trims the blocks that only held
+rejected drafts.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
+        spec: dict[str, list[int]] = {}  # drafts handed out, by request id
         preempted: list[str] = []
 
         i = 0
@@ -69,6 +77,13 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
+                i += 1
+                continue
+            drafts = self._drafts_for(request, budget)
+            if drafts and self.kv.allocate_slots(request, 1 + len(drafts)):
+                scheduled.append((request, 1 + len(drafts)))
+                spec[request.request_id] = drafts
+                budget -= 1 + len(drafts)
                 i += 1
                 continue
             while not self.kv.allocate_slots(request, num_new):
@@ -110,20 +125,31 @@ class Scheduler:
         out = []
         for request, num_new in scheduled:
             start = request.num_computed_tokens
+            drafts = spec.get(request.request_id, [])
             out.append(
                 ScheduledRequest(
                     request_id=request.request_id,
-                    token_ids=request.all_token_ids[start : start + num_new],
+                    token_ids=request.all_token_ids[start : start + num_new - len(drafts)] + drafts,
                     start=start,
                     block_table=list(self.kv.get_block_table(request.request_id)),
-                    sample=start + num_new == request.num_tokens,
+                    sample=start + num_new - len(drafts) == request.num_tokens,
+                    spec_token_ids=drafts,
                 )
             )
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(requests=out, preempted=preempted, finished=finished)
 
+    def _drafts_for(self, request: Request, budget: int) -> list[int]:
+        """The request's drafts that fit this step: only in decode position (one token left to
+        compute), within the token budget, and with every position inside the context window."""
+        if not request.spec_token_ids or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        room = min(budget - 1, self.config.max_model_len - request.num_tokens)
+        return request.spec_token_ids[: max(room, 0)]
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -134,20 +160,31 @@ class Scheduler:
     def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[Request]:
         """Advance counters by what was computed, append sampled tokens, finish stopped requests.
 
+        With drafts, only the last real token and the accepted drafts count as computed (their
+        KV is valid); the rejected drafts' slots are rolled back with `kv.trim`. New tokens are
+        appended one by one, and a stop (eos, stop id, max_tokens, context) ends the request at
+        that token: the tokens after it are dropped.
+
         Returns the requests that received a token this step (finished ones included)."""
         updated = []
         for sched in scheduler_output.requests:
             request = self.requests.get(sched.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted during the step
-            request.num_computed_tokens += sched.num_tokens
-            token = runner_output.sampled.get(sched.request_id)
-            if token is None:
+            tokens = runner_output.new_tokens(sched.request_id)
+            rejected = len(sched.spec_token_ids) - max(len(tokens) - 1, 0)
+            request.num_computed_tokens += sched.num_tokens - rejected
+            request.spec_token_ids = []
+            if rejected:
+                self.kv.trim(request)
+            if not tokens:
                 continue
-            request.append_token(token)
             updated.append(request)
-            if request.check_stop(self.config.max_model_len):
-                self.running.remove(request)
-                del self.requests[request.request_id]
-                self._free(request)
+            for token in tokens:
+                request.append_token(token)
+                if request.check_stop(self.config.max_model_len):
+                    self.running.remove(request)
+                    del self.requests[request.request_id]
+                    self._free(request)
+                    break
         return updated

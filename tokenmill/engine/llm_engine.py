@@ -1,13 +1,18 @@
-"""LLMEngine: add requests, step the batch (schedule -> execute -> update), read outputs."""
+"""LLMEngine: add requests, step the batch (schedule -> execute -> update), read outputs.
+
+With speculative decoding a step first asks the proposer for drafts (spec/), which the
+scheduler hands out as extra tokens and the runner verifies in the same forward pass.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.bench.bandwidth import machine_signature
 from tokenmill.config import EngineConfig, SchedulerConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.scheduler import Scheduler
@@ -15,10 +20,21 @@ from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.loader.model_loader import load_model
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.tokenizer import Tokenizer, load_tokenizer
-from tokenmill.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tokenmill.outputs import (
+    CompletionOutput,
+    ModelRunnerOutput,
+    RequestMetrics,
+    RequestOutput,
+    SchedulerOutput,
+)
+from tokenmill.quant import check_device as check_quant_device
+from tokenmill.quant import resolve_quantization
+from tokenmill.quant.report import kv_cache_note, weights_note
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sample.sampler import SamplingState
 from tokenmill.sampling_params import InvalidRequestError, SamplingParams
+from tokenmill.spec import Proposer, SpecStats, make_proposer
+from tokenmill.spec.adaptive import Acceptance, SpecController, measure_pass_cost
 from tokenmill.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -35,9 +51,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+def resolve_dtype(name: str, device: torch.device, quantized: bool = False) -> torch.dtype:
+    if name == "auto":  # packed weights run bf16 activations (their kernels' fast path)
+        return torch.bfloat16 if device.type == "cuda" or quantized else torch.float32
     return _DTYPES[name]
 
 
@@ -51,6 +67,7 @@ class _Track:
     detok: IncrementalDetokenizer
     logprobs: list[dict[int, float]] | None
     cumulative_logprob: float = 0.0
+    acceptance: Acceptance = field(default_factory=Acceptance)  # of its drafts (speculative decoding)
 
 
 @dataclass
@@ -60,6 +77,7 @@ class EngineStats:
     computed_tokens: int = 0
     generated_tokens: int = 0
     busy_seconds: float = 0.0
+    spec: SpecStats = field(default_factory=SpecStats)  # speculative decoding counters
 
 
 class LLMEngine:
@@ -69,26 +87,32 @@ class LLMEngine:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_path = resolve_model(config.model)
-        loaded = load_model(self.model_path, self.dtype, self.device, show_progress=show_progress)
+        self.quantization = resolve_quantization(config.quantization, self.model_path)  # none, gguf, int8...
+        check_quant_device(self.quantization, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, quantized=self.quantization != "none")
+        loaded = load_model(self.model_path, self.dtype, self.device, show_progress=show_progress,
+                            quantization=self.quantization, group_size=config.quant_group_size)
         self.model_config = loaded.config
         self.weight_file_bytes = loaded.file_bytes
         self.tokenizer: Tokenizer = (
             Tokenizer.from_gguf(loaded.gguf_reader) if loaded.gguf_reader is not None else load_tokenizer(self.model_path)
         )
         cache = config.cache
-        self.num_blocks = num_blocks_for(loaded.config, cache, self.dtype)
+        kv_dtype = config.kv_cache_dtype
+        self.num_blocks = num_blocks_for(loaded.config, cache, self.dtype, kv_dtype)
         self.max_model_len = min(
             config.scheduler.max_model_len, loaded.config.max_position_embeddings, self.num_blocks * cache.block_size
         )
-        kv_caches = allocate_kv_caches(loaded.config, self.num_blocks, cache.block_size, self.dtype, self.device)
+        kv_caches = allocate_kv_caches(loaded.config, self.num_blocks, cache.block_size, self.dtype, self.device,
+                                       kv_dtype)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
             self.num_blocks, cache.block_size, self.num_blocks * cache.block_size,
-            self.num_blocks * bytes_per_block(loaded.config, cache.block_size, self.dtype) / 2**20,
-            str(self.dtype).removeprefix("torch."), self.max_model_len,
+            self.num_blocks * bytes_per_block(loaded.config, cache.block_size, self.dtype, kv_dtype) / 2**20,
+            kv_cache_note(loaded.config, self.dtype, kv_dtype), self.max_model_len,
         )
+        log.info("weights: %s", weights_note(loaded.model, self.quantization, self.dtype))
         self.kv = KVCacheManager(self.num_blocks, cache.block_size, cache.enable_prefix_caching)
         sc = config.scheduler
         self.scheduler = Scheduler(
@@ -98,6 +122,30 @@ class LLMEngine:
         self.model = loaded.model
         self._tracks: dict[str, _Track] = {}
         self.stats = EngineStats()
+        self._init_speculation(show_progress)
+
+    def _init_speculation(self, show_progress: bool) -> None:
+        """The proposer and the controller deciding, per step, how many drafts to use."""
+        spec = self.config.speculative
+        self.stats.spec = SpecStats(method=spec.method, num_speculative_tokens=spec.num_speculative_tokens)
+        self.proposer: Proposer | None = None
+        self._spec_off_reasons: set[str] = set()  # logged once each
+        if not spec.enabled:
+            return
+        k, bs = spec.num_speculative_tokens, self.config.cache.block_size
+        self.proposer = make_proposer(spec, self.model, self.dtype, self.device, self.num_blocks, bs, show_progress)
+        cost = None
+        if spec.adaptive and spec.max_batch is None:
+            sc = self.config.scheduler
+            limit = max(1, min(sc.max_num_seqs, sc.max_num_batched_tokens // (k + 1)))
+            key = "|".join(map(str, (
+                machine_signature(), self.model_path, self.weight_file_bytes, self.device, self.dtype,
+                self.config.quantization, self.config.kv_cache_dtype, torch.get_num_threads(), bs, k, limit,
+                spec.method, spec.draft_model,
+            )))
+            draft_runner = getattr(self.proposer, "runner", None)  # a draft model's, if any
+            cost = measure_pass_cost(self.runner, k, limit, self.num_blocks, bs, draft_runner, key)
+        self.spec_controller = SpecController(k, cost, spec.max_batch, spec.adaptive)
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
@@ -138,6 +186,8 @@ class LLMEngine:
         """Stop a request now and free its blocks; unknown or finished ids are ignored."""
         if self._tracks.pop(request_id, None) is not None:
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+            if self.proposer is not None:
+                self.proposer.free(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracks)
@@ -148,24 +198,93 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """schedule -> execute -> update. Returns an output for every request that got tokens."""
+        """(propose ->) schedule -> execute -> update. Returns an output for every request that
+        got tokens."""
         t0 = time.perf_counter()
+        draft_probs = self._propose() if self.proposer is not None else {}
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         states = {}
+        num_before = {}
         for r in sched.requests:
             track = self._tracks[r.request_id]
             if r.sample:
                 self._set_suppression(track)
                 states[r.request_id] = track.state
-        result = self.runner.execute(sched, states)
+                num_before[r.request_id] = len(track.request.output_token_ids)
+        result = self.runner.execute(sched, states, draft_probs)
         updated = self.scheduler.update(sched, result)
+        outputs = [self._output(r, result, num_before[r.request_id]) for r in updated]
+        if self.proposer is not None:
+            self._record_spec(sched, result, outputs)
         self.stats.steps += 1
         self.stats.computed_tokens += sched.num_tokens
-        self.stats.generated_tokens += len(updated)
+        self.stats.generated_tokens += sum(len(o.outputs[0].delta_token_ids) for o in outputs)
         self.stats.busy_seconds += time.perf_counter() - t0
-        return [self._output(r, result) for r in updated]
+        return outputs
+
+    # -- speculative decoding -----------------------------------------------------------------
+    def _propose(self) -> dict[str, torch.Tensor]:
+        """Set drafts on the running requests in decode position (k chosen by the controller,
+        capped so no draft lies past max_tokens or the context window). Returns the draft
+        distributions of proposals that have one."""
+        running = self.scheduler.running
+        for r in running:
+            r.spec_token_ids = []
+        controller = self.spec_controller
+        self.stats.spec.current_k = controller.begin_step(len(running))
+        self.stats.spec.num_switches = controller.num_switches
+        if controller.current == 0:
+            return {}
+        wanted, counts = [], []
+        for r in running:
+            if r.num_tokens - r.num_computed_tokens != 1 or not self._may_speculate(r):
+                continue
+            k = controller.drafts(self._tracks[r.request_id].acceptance)
+            n = min(k, r.max_tokens - len(r.output_token_ids) - 1, self.max_model_len - r.num_tokens)
+            if n > 0:
+                wanted.append(r)
+                counts.append(n)
+        if not wanted:
+            return {}
+        t0 = time.perf_counter()
+        proposals = self.proposer.propose(wanted, counts)
+        self.stats.spec.propose_seconds += time.perf_counter() - t0
+        probs = {}
+        for r, n, proposal in zip(wanted, counts, proposals):
+            r.spec_token_ids = proposal.token_ids[:n]
+            if proposal.probs is not None and r.spec_token_ids:
+                probs[r.request_id] = proposal.probs
+        return probs
+
+    def _may_speculate(self, request: Request) -> bool:
+        """Penalties depend on every earlier output token and min_tokens suppresses stop tokens
+        per position; the verification path supports neither, so such requests decode plainly
+        (penalties: always; min_tokens: until that many tokens are out). Logged once per reason."""
+        p = request.params
+        reason = None
+        if not p.speculative:
+            return False
+        if p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0:
+            reason = "requests with repetition/presence/frequency penalties"
+        elif len(request.output_token_ids) < p.min_tokens:
+            reason = "requests until min_tokens tokens are out"
+        if reason is None:
+            return True
+        if reason not in self._spec_off_reasons:
+            self._spec_off_reasons.add(reason)
+            log.info("speculation is off for %s", reason)
+        return False
+
+    def _record_spec(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: list[RequestOutput]) -> None:
+        emitted = {o.request_id: len(o.outputs[0].delta_token_ids) for o in outputs}
+        for r in sched.requests:
+            if r.spec_token_ids:
+                accepted = len(result.accepted.get(r.request_id, []))
+                self.stats.spec.record(len(r.spec_token_ids), accepted, emitted.get(r.request_id, 0))
+                track = self._tracks.get(r.request_id)  # None once finished
+                self.spec_controller.observe(track and track.acceptance, len(r.spec_token_ids), accepted)
 
     def _set_suppression(self, track: _Track) -> None:
         p = track.state.params
@@ -174,18 +293,31 @@ class LLMEngine:
         else:
             track.state.suppress_token_ids = set()
 
-    def _output(self, request: Request, result) -> RequestOutput:
-        track = self._tracks[request.request_id]
-        token = request.output_token_ids[-1]
-        if track.logprobs is not None and request.request_id in result.logprobs:
-            lp = result.logprobs[request.request_id]
-            entry = dict(result.top_logprobs.get(request.request_id, []))
-            entry[token] = lp
-            track.logprobs.append(entry)
-            track.cumulative_logprob += lp
-        # a stop token (eos or stop_token_ids) ends the output but adds no text, as in vLLM
+    def _output(self, request: Request, result: ModelRunnerOutput, num_before: int) -> RequestOutput:
+        """The request's output after this step's new tokens (output_token_ids[num_before:])."""
+        rid = request.request_id
+        track = self._tracks[rid]
+        new = request.output_token_ids[num_before:]
+        # a stop token (eos or stop_token_ids) ends the output but adds no text, as in vLLM;
+        # update() appends it last
         stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
-        delta = "" if stopped_by_token else track.detok.update([token])
+        delta = ""
+        for i, token in enumerate(new):
+            if stopped_by_token and i == len(new) - 1:
+                break
+            delta += track.detok.update([token])
+            if track.detok.stop_reason is not None:  # a stop string ends the output at this token
+                del request.output_token_ids[num_before + i + 1 :]
+                new = new[: i + 1]
+                break
+        if track.logprobs is not None and rid in result.logprobs:
+            lps = result.accepted_logprobs.get(rid, []) + [result.logprobs[rid]]
+            tops = result.accepted_top_logprobs.get(rid, []) + [result.top_logprobs.get(rid, [])]
+            for token, lp, top in zip(new, lps, tops):
+                entry = dict(top)
+                entry[token] = lp
+                track.logprobs.append(entry)
+                track.cumulative_logprob += lp
         if track.detok.stop_reason is not None:
             if not request.status.finished:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
@@ -197,6 +329,8 @@ class LLMEngine:
         if finished:
             request.finish_time = time.monotonic()
             del self._tracks[request.request_id]
+            if self.proposer is not None:
+                self.proposer.free(rid)
         completion = CompletionOutput(
             index=0,
             text=track.detok.text,
@@ -206,7 +340,7 @@ class LLMEngine:
             logprobs=track.logprobs,
             cumulative_logprob=track.cumulative_logprob if track.logprobs is not None else None,
             delta=delta,
-            delta_token_ids=[token],
+            delta_token_ids=new,
         )
         return RequestOutput(
             request_id=request.request_id,

@@ -1,9 +1,9 @@
 """Load a llama-family model from a GGUF v3 file (memory-mapped through the `gguf` package).
 
-Quantized tensors are dequantized into the compute dtype here; the quantization work keeps
-them packed instead. llama.cpp's converter permutes the rows of Q and K so that RoPE rotates
-adjacent pairs; we undo that permutation so the model uses the rotate-half layout of the
-Hugging Face checkpoints (as transformers does when it reads a GGUF).
+Quantized tensors are dequantized into the compute dtype here, or, with keep_packed, handed
+on as raw blocks for tokenmill.quant to run packed. llama.cpp's converter permutes the rows
+of Q and K so that RoPE rotates adjacent pairs; we undo that permutation so the model uses the
+rotate-half layout of the Hugging Face checkpoints (as transformers does when it reads a GGUF).
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.loader.resolve import ModelLoadError
+from tokenmill.quant.gguf import FLOAT_TYPES, GGUFWeight
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
+# Types gguf-py can dequantize. Q8_K is left out: it is llama.cpp's intermediate for dot
+# products, never a weight type, and gguf-py has no dequantizer for it.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -59,7 +62,7 @@ def gguf_model_config(reader, path: Path) -> ModelConfig:
     arch = field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ModelLoadError(f"{path.name}: unsupported architecture {arch!r}; supported: llama (Llama 2/3, SmolLM2, Mistral), qwen2")
-    a = lambda k, d=None: field(reader, f"{arch}.{k}", d)  # noqa: E731
+    a = lambda k, d=None: field(reader, f"{arch}.{k}", d)
     heads = a("attention.head_count")
     hidden = a("embedding_length")
     names = {t.name for t in reader.tensors}
@@ -121,11 +124,33 @@ def dequantize(tensor) -> np.ndarray:
     return quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
 
 
-def gguf_state_dict(reader, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """Yield (hf name, tensor in dtype, bytes in file) for every weight the model uses."""
+def _packed(t, cfg: ModelConfig) -> GGUFWeight:
+    """A quantized matrix's raw blocks [rows, bytes per row]; un-permuting Q/K moves whole rows."""
+    name = t.tensor_type.name
+    if name not in SUPPORTED_TYPES:
+        raise ModelLoadError(
+            f"tensor {t.name} has type {name}, unsupported; supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+    raw = np.asarray(t.data)
+    if cfg.arch == "llama":
+        if t.name.endswith("attn_q.weight"):
+            raw = _unpermute(raw, cfg.num_heads)
+        elif t.name.endswith("attn_k.weight"):
+            raw = _unpermute(raw, cfg.num_kv_heads)
+    return GGUFWeight(raw=raw, type_name=name, shape=(int(t.shape[1]), int(t.shape[0])))
+
+
+def gguf_state_dict(reader, cfg: ModelConfig, dtype: torch.dtype,
+                    keep_packed: bool = False) -> Iterator[tuple[str, torch.Tensor | GGUFWeight, int]]:
+    """Yield (hf name, tensor in dtype, bytes in file) for every weight the model uses.
+    keep_packed: quantized matrices come as GGUFWeight (raw blocks, Q/K rows un-permuted)
+    instead, for tokenmill.quant to run packed."""
     for t in reader.tensors:
         hf = _hf_name(t.name)
         if hf is None:
+            continue
+        if keep_packed and t.tensor_type.name not in FLOAT_TYPES and len(t.shape) == 2:
+            yield hf, _packed(t, cfg), int(t.n_bytes)
             continue
         w = dequantize(t)
         if cfg.arch == "llama":

@@ -12,6 +12,20 @@ from tokenmill.config import ConfigError, ModelConfig
 from tokenmill.loader.resolve import ModelLoadError
 
 _ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope(c: dict, path: Path) -> tuple[float, dict | None]:
+    """(theta, scaling) from config.json: transformers >= 5 writes both in "rope_parameters",
+    earlier versions write "rope_theta" and "rope_scaling" at the top level."""
+    params = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ModelLoadError(
+            f"{path.name}: unsupported rope scaling {kind!r}; supported: {', '.join(_ROPE_TYPES)}"
+        )
+    return theta, None if kind == "default" else params
 
 
 def hf_model_config(path: Path) -> ModelConfig:
@@ -22,8 +36,9 @@ def hf_model_config(path: Path) -> ModelConfig:
     model_type = c.get("model_type")
     if model_type not in _ARCHS:
         raise ModelLoadError(f"{path.name}: unsupported model_type {model_type!r}; supported: {', '.join(_ARCHS)}")
-    heads = c["num_attention_heads"]
     try:
+        heads = c["num_attention_heads"]
+        rope_theta, rope_scaling = _rope(c, path)
         return ModelConfig(
             arch=_ARCHS[model_type],
             vocab_size=c["vocab_size"],
@@ -34,13 +49,15 @@ def hf_model_config(path: Path) -> ModelConfig:
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             rms_norm_eps=c.get("rms_norm_eps", 1e-5),
-            rope_theta=c.get("rope_theta", 10000.0),
-            rope_scaling=c.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_position_embeddings=c.get("max_position_embeddings", 4096),
             tie_word_embeddings=c.get("tie_word_embeddings", False),
             attention_bias=model_type == "qwen2" or c.get("attention_bias", False),
         )
-    except (KeyError, ConfigError) as e:
+    except KeyError as e:
+        raise ModelLoadError(f"{path / 'config.json'} lacks the key {e}") from None
+    except ConfigError as e:
         raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
 
 

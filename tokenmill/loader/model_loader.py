@@ -10,8 +10,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tokenmill.config import ModelConfig
 from tokenmill.loader.resolve import ModelLoadError
-from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.model.layers import RotaryEmbedding
+from tokenmill.model.llama import LlamaForCausalLM
+from tokenmill.quant.gguf import GGUFWeight
 
 
 @dataclass(frozen=True)
@@ -22,13 +23,18 @@ class LoadedModel:
     gguf_reader: object | None  # kept for the tokenizer, which reads the same file
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True) -> LoadedModel:
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True,
+               quantization: str = "none", group_size: int = 32) -> LoadedModel:
+    """quantization: a resolved scheme (tokenmill.quant): none | gguf | int8 | int4 | fp8.
+    gguf keeps the file's quantized matrices packed; int8/int4/fp8 quantize float weights
+    (read in float32) at load. Everything not packed ends in `dtype`."""
+    load_dtype = torch.float32 if quantization in ("int8", "int4", "fp8") else dtype
     if path.is_dir():
         from tokenmill.loader.hf_loader import hf_model_config, hf_num_tensors, hf_state_dict
 
         cfg = hf_model_config(path)
         total = hf_num_tensors(path)
-        tensors = hf_state_dict(path, dtype)
+        tensors = hf_state_dict(path, load_dtype)
         reader = None
     else:
         from tokenmill.loader.gguf_loader import gguf_model_config, gguf_state_dict, open_gguf
@@ -36,7 +42,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progre
         reader = open_gguf(path)
         cfg = gguf_model_config(reader, path)
         total = len(reader.tensors)
-        tensors = gguf_state_dict(reader, cfg, dtype)
+        tensors = gguf_state_dict(reader, cfg, load_dtype, keep_packed=quantization == "gguf")
 
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -44,6 +50,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progre
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
     state: dict[str, torch.Tensor] = {}
+    packed: dict[str, GGUFWeight] = {}  # quantized GGUF matrices, still raw blocks
     file_bytes = 0
     with Progress(
         TextColumn(f"loading {path.name}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
@@ -54,16 +61,27 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progre
             progress.advance(task)
             if name not in expected:
                 continue
-            state[name] = tensor.to(device)
+            if isinstance(tensor, GGUFWeight):
+                packed[name] = tensor
+            else:
+                state[name] = tensor.to(device)
             file_bytes += nbytes
-    missing = expected - state.keys()
+    missing = expected - state.keys() - packed.keys()
     if missing:
         raise ModelLoadError(f"{path.name} lacks {len(missing)} weights, e.g. {sorted(missing)[0]}")
     for name, param in model.named_parameters():
-        if name in state and tuple(state[name].shape) != tuple(param.shape):
-            raise ModelLoadError(f"{path.name}: weight {name} has shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
+        got = state[name] if name in state else packed.get(name)
+        if got is not None and tuple(got.shape) != tuple(param.shape):
+            raise ModelLoadError(f"{path.name}: weight {name} has shape {tuple(got.shape)}, expected {tuple(param.shape)}")
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    if quantization == "none":
+        model.tie_weights()
+    else:
+        from tokenmill.quant import quantize_model
+
+        quantize_model(model, quantization, dtype, group_size, packed)
+        for p in model.parameters():  # float params read in float32 for quantizing end in dtype
+            p.data = p.data.to(dtype)
     model.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling).to(device)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, config=cfg, file_bytes=file_bytes, gguf_reader=reader)

