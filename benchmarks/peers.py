@@ -6,7 +6,7 @@ Workloads (random prompt tokens, greedy, no early stop):
   latency     batch 1: prefill tokens/s and decode ms/token
   throughput  N requests of I prompt + O output tokens submitted together: output tokens/s
 transformers runs in float32 (as it loads a GGUF), batched greedy `generate` with left padding.
-tokenmill runs in the dtypes given by --dtypes. Prints a table and the ratios; --json writes them.
+tokenmill runs in the dtype:quantization configs given by --configs. Prints a table and the ratios; --json writes them.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=32, help="transformers' generate batch size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--configs", default="float32:none,bfloat16:none,bfloat16:auto",
+                    help="tokenmill runs as dtype:quantization (auto = GGUF tensors stay packed)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,13 +86,15 @@ def main() -> None:
         "throughput": hf_throughput(hf, args.num_requests, args.input_len, args.tp_output_len, args.hf_batch),
     }
     del hf
-    for dtype in args.dtypes.split(","):
-        llm = LLM(args.model, device="cpu", dtype=dtype, threads=args.threads, kv_cache_memory_gb=1.0,
+    for config in args.configs.split(","):
+        dtype, quantization = config.split(":")
+        llm = LLM(args.model, device="cpu", dtype=dtype, quantization=quantization, threads=args.threads,
+                  kv_cache_memory_gb=1.0,
                   max_num_seqs=max(64, args.num_requests), max_num_batched_tokens=max(512, args.input_len),
                   max_model_len=args.input_len + max(args.output_len, args.tp_output_len) + 16)
         lat = bench_latency(llm, args.input_len, args.output_len, args.repeats)
         tp = bench_throughput(llm, args.num_requests, args.input_len, args.tp_output_len)
-        results[f"tokenmill-{dtype}"] = {"latency": lat.__dict__, "throughput": tp.__dict__}
+        results[f"tokenmill-{dtype}-{quantization}"] = {"latency": lat.__dict__, "throughput": tp.__dict__}
         del llm
 
     hf_lat, hf_tp = results["transformers"]["latency"], results["transformers"]["throughput"]

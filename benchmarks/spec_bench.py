@@ -9,7 +9,7 @@ Batch 1: each task runs alone, greedy, the methods interleaved round by round so
 machine slows them alike; decode tokens/s = (tokens - 1) / (time from the first token to the
 last), median over rounds. Greedy outputs are the same with and without speculation, so every
 method decodes the same text. Throughput: N requests (half of each task) submitted together,
-output tokens/s until the last one finishes.
+output tokens/s until the last one finishes, configs interleaved, median over rounds.
 
 The target runs with float weights (quantization none), so the self-speculative draft (the same
 weights in int4) reads a quarter of the bytes; the `draft` method uses the target model itself as
@@ -122,22 +122,29 @@ def batch1(args, llms: dict[str, LLM]) -> list[dict]:
     return rows
 
 
-def throughput(args, llm: LLM, label: str) -> dict:
-    prompts = [{"prompt_token_ids": chat_ids(llm, TASKS[t])} for t in TASKS]
+def throughput(args, configs: dict[str, LLM]) -> list[dict]:
+    """N requests at once with each config, round-robin over repeats; median output tokens/s."""
+    any_llm = next(iter(configs.values()))
+    prompts = [{"prompt_token_ids": chat_ids(any_llm, TASKS[t])} for t in TASKS]
     batch = [prompts[i % len(prompts)] for i in range(args.concurrency)]
     params = SamplingParams(temperature=0, max_tokens=args.batch_max_tokens, ignore_eos=True)
-    llm.generate(batch[:2], SamplingParams(temperature=0, max_tokens=4), use_progress=False)  # warm-up
-    before = dict(vars(llm.engine.stats.spec))
-    runs = []
+    runs: dict[str, list[float]] = {c: [] for c in configs}
+    for llm in configs.values():
+        llm.generate(batch[:2], SamplingParams(temperature=0, max_tokens=4), use_progress=False)  # warm-up
+    before = {c: dict(vars(llm.engine.stats.spec)) for c, llm in configs.items()}
     for _ in range(args.batch_repeats):
-        llm.engine.kv.pool.reset_prefix_cache()
-        t0 = time.perf_counter()
-        outs = llm.generate(batch, params, use_progress=False)
-        runs.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0))
-    s = llm.engine.stats.spec
-    return {"config": label, "requests": args.concurrency, "output_tokens_per_s": statistics.median(runs),
-            "runs": runs, "spec_passes": s.num_passes - before["num_passes"],
-            "switches": s.num_switches, **spec_delta(llm, before)}
+        for c, llm in configs.items():
+            llm.engine.kv.pool.reset_prefix_cache()
+            t0 = time.perf_counter()
+            outs = llm.generate(batch, params, use_progress=False)
+            runs[c].append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0))
+    rows = []
+    for c, llm in configs.items():
+        s = llm.engine.stats.spec
+        rows.append({"config": c, "requests": args.concurrency, "output_tokens_per_s": statistics.median(runs[c]),
+                     "runs": runs[c], "spec_passes": s.num_passes - before[c]["num_passes"],
+                     "switches": s.num_switches, **spec_delta(llm, before[c])})
+    return rows
 
 
 def main() -> None:
@@ -153,7 +160,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--batch-max-tokens", type=int, default=32, help="output tokens per request at N requests")
-    ap.add_argument("--batch-repeats", type=int, default=1)
+    ap.add_argument("--batch-repeats", type=int, default=3)
     ap.add_argument("--skip-batch", action="store_true")
     ap.add_argument("--json", dest="json_path", help="also write the figures here")
     args = ap.parse_args()
@@ -177,11 +184,8 @@ def main() -> None:
     }
     if not args.skip_batch:
         m = methods[0]
-        result["throughput"] = [
-            throughput(args, llms["none"], "off"),
-            throughput(args, adaptive, f"{m}, adaptive"),
-            throughput(args, llms[m], f"{m}, forced on"),
-        ]
+        result["throughput"] = throughput(args, {"off": llms["none"], f"{m}, adaptive": adaptive,
+                                                 f"{m}, forced on": llms[m]})
         off = result["throughput"][0]["output_tokens_per_s"]
         for row in result["throughput"]:
             row["vs_off"] = row["output_tokens_per_s"] / off

@@ -79,3 +79,19 @@ def test_fixed_threshold_and_always_on():
     assert step(c, 8) == 3 and step(c, 9) == 0
     always = SpecController(3, COST, max_batch=8, adaptive=False)
     assert step(always, 10_000) == 3
+
+
+def test_the_first_draft_may_cost_most():
+    """Measured on a CPU: 2 tokens per request run a matrix-matrix kernel instead of a
+    matrix-vector one, and cost nearly as much as 5."""
+    cost = PassCost(4, (1,), (0.040,), (0.064,), one_s=(0.059,))
+    assert cost.relative(1, 1) == pytest.approx(0.059 / 0.040)
+    assert cost.relative(1, 4) == pytest.approx(1.6)
+    assert cost.best_k(1, 0.3)[0] == 0  # one cheap-looking draft is not cheap
+    assert cost.best_k(1, 0.8)[0] == 4
+
+
+def test_a_draft_model_costs_its_passes():
+    with_draft = PassCost(4, COST.batches, COST.plain_s, COST.spec_s, draft_s=(0.004, 0.004, 0.005, 0.010))
+    assert with_draft.relative(1, 4) == pytest.approx(1.1 + 4 * 0.4)
+    assert with_draft.best_k(1, 0.6)[0] < COST.best_k(1, 0.6)[0]

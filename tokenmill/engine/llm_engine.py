@@ -230,6 +230,8 @@ class LLMEngine:
         capped so no draft lies past max_tokens or the context window). Returns the draft
         distributions of proposals that have one."""
         running = self.scheduler.running
+        if not running:
+            return {}
         for r in running:
             r.spec_token_ids = []
         controller = self.spec_controller

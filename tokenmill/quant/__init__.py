@@ -74,7 +74,7 @@ def check_device(scheme: str, device: torch.device, capability: tuple[int, int] 
                               f">= 8.0); this device is {cap[0]}.{cap[1]}; use int8, fp8 or none")
     elif scheme in ("int4", "gguf") and not int4pack_available(device):
         raise ConfigError(f"quantization {scheme}: this torch build lacks the CPU int4 kernel "
-                          "(aten._weight_int4pack_mm_for_cpu, torch >= 2.5); use int8 or none")
+                          "aten._weight_int4pack_mm_for_cpu; upgrade torch, or use int8 or none")
     if scheme == "fp8" and not hasattr(torch, "float8_e4m3fn"):
         raise ConfigError("quantization fp8 needs torch.float8_e4m3fn (torch >= 2.1)")
 

@@ -47,6 +47,6 @@ def make_proposer(spec: SpecConfig, target: LlamaForCausalLM, dtype: torch.dtype
     if model.config.vocab_size != target.config.vocab_size:
         raise ConfigError(f"draft model vocabulary ({model.config.vocab_size}) differs from the target's "
                           f"({target.config.vocab_size}); a draft needs the same tokenizer")
-    log.info("speculation: %s draft (%s), its own KV pool of %d blocks", spec.method,
-             spec.draft_model or f"target, {spec.self_quantization}", num_blocks)
+    what = f"draft model {spec.draft_model}" if spec.method == "draft" else f"the target in {spec.self_quantization}"
+    log.info("speculation: drafts from %s, with its own KV pool of %d blocks", what, num_blocks)
     return DraftProposer(model, num_blocks, block_size, dtype, device)

@@ -6,8 +6,10 @@ As the batch grows the pass becomes bound by compute, the extra k tokens per req
 their full FLOPs, and speculation loses. Two measured things decide:
 
     cost(B, j)  a step with B requests in decode, j drafts each, relative to j = 0 (>= 1):
-                the target pass, measured at start-up for j = 0 and j = k at B = 1, 2, 4, ...
-                and interpolated, plus j passes of the draft model if there is one
+                the target pass, measured at start-up for j = 0, 1 and k at B = 1, 4, 16, ...
+                and interpolated (the first draft can cost most: on a CPU one token per request
+                runs a matrix-vector kernel, two or more a matrix-matrix one), plus j passes of
+                the draft model if there is one
     alpha       the chance a draft is accepted given the ones before it were, estimated online
                 per request (accepted / (accepted + rejections), decayed so it follows the
                 text), shrunk towards the estimate over all requests
@@ -59,14 +61,15 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 @dataclass(frozen=True)
 class PassCost:
-    """Median seconds of one target pass with B requests in decode: one token each (plain)
-    and 1 + k tokens each (spec), and of one draft-model pass of one token each (draft; None
-    for proposers without a model), at the measured batch sizes."""
+    """Median seconds of one target pass with B requests in decode: one token each (plain),
+    2 tokens each (one_s: one draft) and 1 + k tokens each (spec), and of one draft-model pass
+    of one token each (draft; None for proposers without a model), at the measured batches."""
 
     k: int
     batches: tuple[int, ...]
     plain_s: tuple[float, ...]
     spec_s: tuple[float, ...]
+    one_s: tuple[float, ...] | None = None  # None: linear in j from plain to spec
     draft_s: tuple[float, ...] | None = None
 
     def _at(self, values: list[float], batch: int) -> float:
@@ -82,10 +85,16 @@ class PassCost:
         return values[i - 1] + t * (values[i] - values[i - 1])
 
     def relative(self, batch: int, drafts: int) -> float:
-        """cost(B, j): a step with `drafts` per request over a plain step. The target's extra
-        cost is linear in j; the draft model adds j of its passes."""
-        ratio = self._at([max(s / p, 1.0) for s, p in zip(self.spec_s, self.plain_s)], batch)
-        cost = 1 + (ratio - 1) * drafts / self.k
+        """cost(B, j): a step with `drafts` per request over a plain step. The target's cost is
+        linear in j between the measured j = 1 and j = k; the draft model adds j of its passes."""
+        if drafts == 0:
+            return 1.0
+        ratio_k = self._at([max(s / p, 1.0) for s, p in zip(self.spec_s, self.plain_s)], batch)
+        if self.one_s is None or self.k == 1:
+            cost = 1 + (ratio_k - 1) * drafts / self.k
+        else:
+            ratio_1 = self._at([max(o / p, 1.0) for o, p in zip(self.one_s, self.plain_s)], batch)
+            cost = ratio_1 + (max(ratio_k, ratio_1) - ratio_1) * (drafts - 1) / (self.k - 1)
         if self.draft_s is not None:
             cost += drafts * self._at([d / p for d, p in zip(self.draft_s, self.plain_s)], batch)
         return cost
@@ -168,21 +177,22 @@ def measure_pass_cost(runner, k: int, max_batch: int, num_blocks: int, block_siz
         sync()
         return time.perf_counter() - t0
 
-    runners = [runner] + ([draft_runner] if draft_runner is not None else [])
-    for r in runners:
-        timed(r, sched(batches[0], k + 1))  # warm-up
-    plain, spec, draft = [], [], []
+    for r in (runner, draft_runner):
+        if r is not None:
+            timed(r, sched(batches[0], k + 1))  # warm-up
+    columns: list[list[float]] = [[], [], [], []]  # plain, one draft, k drafts, draft model
     for b in batches:
-        p, s = sched(b, 1), sched(b, k + 1)
+        shapes = [(runner, sched(b, 1)), (runner, sched(b, 2)), (runner, sched(b, k + 1))]
+        if draft_runner is not None:
+            shapes.append((draft_runner, shapes[0][1]))
         times: list[list[float]] = []
         t0 = time.perf_counter()
         while len(times) < repeats and (not times or time.perf_counter() - t0 < seconds_per_batch):
-            times.append([timed(runner, p), timed(runner, s)] + [timed(r, p) for r in runners[1:]])
-        plain.append(statistics.median(t[0] for t in times))
-        spec.append(statistics.median(t[1] for t in times))
-        if draft_runner is not None:
-            draft.append(statistics.median(t[2] for t in times))
-    cost = PassCost(k, tuple(batches), tuple(plain), tuple(spec), tuple(draft) if draft else None)
+            times.append([timed(r, s) for r, s in shapes])
+        for i in range(len(shapes)):
+            columns[i].append(statistics.median(t[i] for t in times))
+    plain, one, spec, draft = (tuple(c) for c in columns)
+    cost = PassCost(k, tuple(batches), plain, spec, one, draft or None)
     log.info("speculation: step cost with %d drafts/request vs plain, by batch: %s", k,
              ", ".join(f"B={b}: {cost.relative(b, k):.2f}x" for b in batches))
     if key is not None:
