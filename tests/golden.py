@@ -34,3 +34,12 @@ def compare_up_to_near_tie(ours: list[int], ref: list[int], margins: list[float]
         assert a == b, f"step {i}: token {a} != reference {b} although the reference margin is {margins[i]:.4f}"
     assert len(ours) == len(ref), f"lengths differ: {len(ours)} vs {len(ref)}"
     return len(ref)
+
+
+def margins(output) -> list[float]:
+    """Per generated token, the top-1 minus top-2 logprob of a RequestOutput run with logprobs >= 2."""
+    out = []
+    for entry in output.outputs[0].logprobs:
+        top = sorted(entry.values(), reverse=True)
+        out.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.golden import NEAR_TIE, PROMPTS, compare_up_to_near_tie
+from tests.golden import NEAR_TIE, PROMPTS, compare_up_to_near_tie, margins
 from tokenmill.llm import LLM
 from tokenmill.sampling_params import SamplingParams
 
@@ -31,14 +31,6 @@ def _params():
     return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
 
 
-def _margins(output) -> list[float]:
-    margins = []
-    for entry in output.outputs[0].logprobs:
-        top = sorted(entry.values(), reverse=True)
-        margins.append(top[0] - top[1] if len(top) > 1 else float("inf"))
-    return margins
-
-
 @pytest.fixture(scope="module")
 def solo(llm):
     llm.engine.kv.pool.reset_prefix_cache()
@@ -52,7 +44,7 @@ def solo(llm):
 def _check(batch, solo_outs):
     compared = 0
     for got, ref in zip(batch, solo_outs):
-        compared += compare_up_to_near_tie(got.outputs[0].token_ids, ref.outputs[0].token_ids, _margins(ref), NEAR_TIE)
+        compared += compare_up_to_near_tie(got.outputs[0].token_ids, ref.outputs[0].token_ids, margins(ref), NEAR_TIE)
     assert compared >= 0.75 * 16 * NEW_TOKENS
 
 

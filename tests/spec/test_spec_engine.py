@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.golden import NEAR_TIE, PROMPTS, compare_up_to_near_tie
+from tests.golden import NEAR_TIE, PROMPTS, compare_up_to_near_tie, margins
 from tokenmill.llm import LLM
 from tokenmill.sampling_params import SamplingParams
 
@@ -31,14 +31,6 @@ METHODS = {
 
 def greedy(**kw) -> SamplingParams:
     return SamplingParams(**{"temperature": 0, "max_tokens": NEW_TOKENS, "ignore_eos": True} | kw)
-
-
-def margins(output) -> list[float]:
-    out = []
-    for entry in output.outputs[0].logprobs:
-        top = sorted(entry.values(), reverse=True)
-        out.append(top[0] - top[1] if len(top) > 1 else float("inf"))
-    return out
 
 
 @pytest.fixture(scope="module")
