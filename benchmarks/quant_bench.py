@@ -23,13 +23,13 @@ median of its per-token eval time.
 
 from __future__ import annotations
 
-import tempfile
 import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -251,6 +251,7 @@ def main() -> None:
                     help="where the ~1B GGUFs are written (about 3 GB)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest is kept")
+    ap.add_argument("--no-perplexity", action="store_true", help="timings only")
     args = ap.parse_args()
 
     from tokenmill.bench.bandwidth import cached_bandwidth
@@ -261,7 +262,8 @@ def main() -> None:
           file=sys.stderr)
     rows = []
     if "smollm2" in args.models:
-        rows += bench_model("SmolLM2-135M", {"packed": default_model_path()}, True, bw.peak_gbs, args.rounds)
+        rows += bench_model("SmolLM2-135M", {"packed": default_model_path()}, not args.no_perplexity, bw.peak_gbs,
+                            args.rounds)
     if "1b" in args.models:
         args.workdir.mkdir(parents=True, exist_ok=True)
         f16, q41 = write_big_ggufs(args.workdir)
