@@ -40,6 +40,7 @@ INPUT_LEN, OUTPUT_LEN, REPEATS = 32, 16, 2  # per round
 SCHEMES = {  # label -> LLM kwargs
     "float32": {"quantization": "none", "dtype": "float32"},
     "gguf packed": {},
+    "gguf packed + compile": {"compile": True},
     "int8": {"quantization": "int8"},
     "int4 g32": {"quantization": "int4", "quant_group_size": 32},
     "fp8 (emulated)": {"quantization": "fp8"},

@@ -246,7 +246,9 @@ def _export_hf_dir(llm: LLM, dst: Path, tokenizer_dir: Path) -> None:
     from transformers import LlamaConfig
 
     cfg = llm.engine.model_config
-    state = {k: v.detach().float().contiguous() for k, v in llm.engine.model.state_dict().items()}
+    from tokenmill.model.fusion import unfused_state_dict
+
+    state = {k: v.detach().float().contiguous() for k, v in unfused_state_dict(llm.engine.model).items()}
     if cfg.tie_word_embeddings:
         del state["lm_head.weight"]  # HF leaves the tied head out of the checkpoint
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})

@@ -38,6 +38,9 @@ SPEC_METHOD = typer.Option("none", "--speculative-method",
                            help="speculative decoding: none | ngram | draft (--draft-model) | self (int4 copy)")
 SPEC_TOKENS = typer.Option(4, "--speculative-tokens", help="draft tokens verified per step (k)")
 DRAFT_MODEL = typer.Option(None, "--draft-model", help="draft model for --speculative-method draft")
+TP = typer.Option(1, "--tensor-parallel-size", "-tp", help="split every layer over N ranks (processes; gloo on "
+                  "CPU, NCCL on CUDA); under torchrun, the number of processes it starts")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the decode step (compiles at start-up)")
 
 
 def _user_errors():
@@ -45,7 +48,9 @@ def _user_errors():
     from tokenmill.loader.resolve import ModelLoadError
     from tokenmill.sampling_params import InvalidRequestError
 
-    return (ConfigError, ModelLoadError, InvalidRequestError, ValueError, OSError)
+    from tokenmill.distributed.group import WorkerDiedError
+
+    return (ConfigError, ModelLoadError, InvalidRequestError, ValueError, OSError, WorkerDiedError)
 
 
 def _fail(e: Exception) -> None:
@@ -98,12 +103,14 @@ def generate(
     stream: bool = typer.Option(True, help="print tokens as they come"),
     speculative_method: str = SPEC_METHOD, speculative_tokens: int = SPEC_TOKENS,
     draft_model: Optional[str] = DRAFT_MODEL,
+    tensor_parallel_size: int = TP, compile: bool = COMPILE,
 ) -> None:
     """Generate a completion for one prompt."""
     try:
         params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos, repetition_penalty)
         llm = _llm(model, device, dtype, kv_cache_memory_gb, quantization, group_size, kv_cache_dtype,
-                   speculative=_spec(speculative_method, speculative_tokens, draft_model))
+                   speculative=_spec(speculative_method, speculative_tokens, draft_model),
+                   tensor_parallel_size=tensor_parallel_size, compile=compile)
         source: str | dict = prompt
         if chat:
             tok = llm.get_tokenizer()
@@ -177,6 +184,7 @@ def bench_latency_cmd(
     model: str = MODEL, device: str = DEVICE, dtype: str = DTYPE,
     quantization: str = QUANT, group_size: int = GROUP, kv_cache_dtype: str = KV_DTYPE,
     input_len: int = 128, output_len: int = 64, repeats: int = 5,
+    tensor_parallel_size: int = TP, compile: bool = COMPILE,
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
 ) -> None:
@@ -186,7 +194,8 @@ def bench_latency_cmd(
     try:
         llm = _llm(model, device, dtype, 0.25, quantization, group_size, kv_cache_dtype,
                    max_num_batched_tokens=max(512, input_len),
-                   max_model_len=input_len + output_len + 16)
+                   max_model_len=input_len + output_len + 16,
+                   tensor_parallel_size=tensor_parallel_size, compile=compile)
         _print_result("tokenmill bench latency", as_dict(bench_latency(llm, input_len, output_len, repeats)),
                       json_out, output)
     except _user_errors() as e:
@@ -201,6 +210,7 @@ def bench_throughput_cmd(
     max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
     speculative_method: str = SPEC_METHOD, speculative_tokens: int = SPEC_TOKENS,
     draft_model: Optional[str] = DRAFT_MODEL,
+    tensor_parallel_size: int = TP, compile: bool = COMPILE,
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
 ) -> None:
@@ -212,7 +222,8 @@ def bench_throughput_cmd(
         llm = _llm(model, device, dtype, kv_cache_memory_gb, quantization, group_size, kv_cache_dtype,
                    max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=input_len + output_len + 16,
-                   speculative=_spec(speculative_method, speculative_tokens, draft_model))
+                   speculative=_spec(speculative_method, speculative_tokens, draft_model),
+                   tensor_parallel_size=tensor_parallel_size, compile=compile)
         result = as_dict(bench_throughput(llm, num_requests, input_len, output_len))
         _print_result("tokenmill bench throughput", result | _spec_figures(llm), json_out, output)
     except _user_errors() as e:

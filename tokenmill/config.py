@@ -139,6 +139,8 @@ class EngineConfig:
     quantization: str = "auto"  # auto | none | int8 | int4 | fp8
     quant_group_size: int = 32  # int4 only
     kv_cache_dtype: str = "auto"  # auto (= the compute dtype) | int8 | fp8
+    compile: bool = False  # torch.compile the decode step (worker/model_runner.py)
+    tensor_parallel_size: int = 1  # ranks each layer is split over (tokenmill/distributed/)
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
     QUANTIZATIONS = ("auto", "none", "int8", "int4", "fp8")
@@ -155,5 +157,10 @@ class EngineConfig:
                               f"{', '.join(map(str, self.GROUP_SIZES))}")
         if self.kv_cache_dtype not in self.KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: accepted {', '.join(self.KV_CACHE_DTYPES)}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size}: must be >= 1")
+        if self.tensor_parallel_size > 1 and self.speculative.method in ("draft", "self"):
+            raise ConfigError(f"speculative method {self.speculative.method!r} does not run with "
+                              "tensor_parallel_size > 1; use ngram (or none)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r}: accepted auto, cpu, cuda, cuda:N")

@@ -41,6 +41,8 @@ class LLM:
         quant_group_size: int = 32,
         kv_cache_dtype: str = "auto",
         speculative: SpecConfig | dict | None = None,
+        compile: bool = False,
+        tensor_parallel_size: int = 1,
         show_progress: bool = True,
     ) -> None:
         """`speculative`: a SpecConfig or its fields as a dict, e.g.
@@ -64,6 +66,8 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
             speculative=speculative or SpecConfig(),
+            compile=compile,
+            tensor_parallel_size=tensor_parallel_size,
         )
         setup_logging()
         self.engine = LLMEngine(config, show_progress=show_progress)

@@ -6,9 +6,11 @@ scheduler hands out as extra tokens and the runner verifies in the same forward 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 
 import torch
 
@@ -16,10 +18,13 @@ from tokenmill.bench.bandwidth import machine_signature
 from tokenmill.config import EngineConfig, SchedulerConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.scheduler import Scheduler
+from tokenmill.distributed.group import TPGroup, WorkerDiedError
+from tokenmill.distributed.shard import max_local_kv_heads
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.loader.model_loader import load_model
+from tokenmill.loader.model_loader import LoadedModel, load_model
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.tokenizer import Tokenizer, load_tokenizer
+from tokenmill.model.fusion import fuse_projections
 from tokenmill.outputs import (
     CompletionOutput,
     ModelRunnerOutput,
@@ -57,6 +62,35 @@ def resolve_dtype(name: str, device: torch.device, quantized: bool = False) -> t
     return _DTYPES[name]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """What every rank holds: its (slice of the) model, KV pool and runner."""
+
+    loaded: LoadedModel
+    num_blocks: int
+    runner: ModelRunner
+
+
+def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch.dtype, device: torch.device,
+               tp: TPGroup | None, show_progress: bool) -> Shard:
+    """Load the model (this rank's slice under tensor parallelism), merge its projections,
+    size and allocate the KV pool and build the runner. Every rank sizes its pool for the rank
+    with the most KV heads, so all hold the same number of blocks."""
+    loaded = load_model(model_path, dtype, device, show_progress=show_progress, quantization=quantization,
+                        group_size=config.quant_group_size, tp=tp)
+    fuse_projections(loaded.model)  # q/k/v and gate/up as one matmul each (model/fusion.py)
+    cache, kv_dtype = config.cache, config.kv_cache_dtype
+    local = loaded.model.local_config
+    sizing = local
+    if tp is not None:  # KV bytes depend on the KV heads alone; num_heads only keeps the config valid
+        most = max_local_kv_heads(loaded.config, tp.size)
+        sizing = dc_replace(local, num_kv_heads=most, num_heads=most * (local.num_heads // local.num_kv_heads))
+    num_blocks = num_blocks_for(sizing, cache, dtype, kv_dtype)
+    kv_caches = allocate_kv_caches(local, num_blocks, cache.block_size, dtype, device, kv_dtype)
+    runner = ModelRunner(loaded.model, kv_caches, cache.block_size, device, config.compile)
+    return Shard(loaded, num_blocks, runner)
+
+
 @dataclass
 class _Track:
     """Engine-side state of one request besides what the scheduler holds."""
@@ -91,25 +125,33 @@ class LLMEngine:
         self.quantization = resolve_quantization(config.quantization, self.model_path)  # none, gguf, int8...
         check_quant_device(self.quantization, self.device)
         self.dtype = resolve_dtype(config.dtype, self.device, quantized=self.quantization != "none")
-        loaded = load_model(self.model_path, self.dtype, self.device, show_progress=show_progress,
-                            quantization=self.quantization, group_size=config.quant_group_size)
+        self.tp, self._tp_launcher = None, None
+        if config.tensor_parallel_size > 1:
+            from tokenmill.distributed.worker import start_tensor_parallel
+
+            self.tp, self._tp_launcher = start_tensor_parallel(config, self.device)
+        shard = load_shard(config, self.model_path, self.quantization, self.dtype, self.device, self.tp, show_progress)
+        loaded, cache, kv_dtype = shard.loaded, config.cache, config.kv_cache_dtype
         self.model_config = loaded.config
         self.weight_file_bytes = loaded.file_bytes
+        # bytes of the weight file each rank read (its shard; tensor parallelism)
+        self.rank_weight_bytes = [loaded.file_bytes] if self.tp is None else self.tp.all_gather_object(loaded.file_bytes)
+        if self.tp is not None:
+            atexit.register(self.shutdown)
+            log.info("tensor parallel: %d ranks (%s); weight bytes read per rank: %s", self.tp.size,
+                     "gloo" if self.device.type == "cpu" else "nccl",
+                     ", ".join(f"{b / 2**20:.1f} MiB" for b in self.rank_weight_bytes))
         self.tokenizer: Tokenizer = (
             Tokenizer.from_gguf(loaded.gguf_reader) if loaded.gguf_reader is not None else load_tokenizer(self.model_path)
         )
-        cache = config.cache
-        kv_dtype = config.kv_cache_dtype
-        self.num_blocks = num_blocks_for(loaded.config, cache, self.dtype, kv_dtype)
+        self.num_blocks = shard.num_blocks
         self.max_model_len = min(
             config.scheduler.max_model_len, loaded.config.max_position_embeddings, self.num_blocks * cache.block_size
         )
-        kv_caches = allocate_kv_caches(loaded.config, self.num_blocks, cache.block_size, self.dtype, self.device,
-                                       kv_dtype)
         log.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s); max_model_len %d",
             self.num_blocks, cache.block_size, self.num_blocks * cache.block_size,
-            self.num_blocks * bytes_per_block(loaded.config, cache.block_size, self.dtype, kv_dtype) / 2**20,
+            self.num_blocks * bytes_per_block(loaded.model.local_config, cache.block_size, self.dtype, kv_dtype) / 2**20,
             kv_cache_note(loaded.config, self.dtype, kv_dtype), self.max_model_len,
         )
         log.info("weights: %s", weights_note(loaded.model, self.quantization, self.dtype))
@@ -118,7 +160,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(sc.max_num_seqs, sc.max_num_batched_tokens, self.max_model_len), self.kv
         )
-        self.runner = ModelRunner(loaded.model, kv_caches, cache.block_size, self.device)
+        self.runner = shard.runner
         self.model = loaded.model
         self._tracks: dict[str, _Track] = {}
         self.stats = EngineStats()
@@ -146,6 +188,26 @@ class LLMEngine:
             draft_runner = getattr(self.proposer, "runner", None)  # a draft model's, if any
             cost = measure_pass_cost(self.runner, k, limit, self.num_blocks, bs, draft_runner, key)
         self.spec_controller = SpecController(k, cost, spec.max_batch, spec.adaptive)
+
+    def on_fatal(self, listener) -> None:
+        """Call `listener(WorkerDiedError)` (from another thread) when a tensor-parallel worker
+        dies, even while no step runs."""
+        if self._tp_launcher is not None:
+            self._tp_launcher.on_death(listener)
+
+    def shutdown(self) -> None:
+        """Release the tensor-parallel workers (they exit); idempotent. A single-device engine
+        holds nothing to release."""
+        if self.tp is None:
+            return
+        if self._tp_launcher is not None:
+            self._tp_launcher.shutdown()
+        elif torch.distributed.is_initialized():  # torchrun: the workers wait for our None
+            try:
+                self.tp.broadcast_object(None)
+            except WorkerDiedError:
+                pass
+            torch.distributed.destroy_process_group()
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
@@ -213,7 +275,13 @@ class LLMEngine:
                 self._set_suppression(track)
                 states[r.request_id] = track.state
                 num_before[r.request_id] = len(track.request.output_token_ids)
-        result = self.runner.execute(sched, states, draft_probs)
+        try:
+            result = self.runner.execute(sched, states, draft_probs)
+        except WorkerDiedError as e:
+            launcher = self._tp_launcher
+            if launcher is not None:
+                launcher.died.wait(5)  # the socket error can come before the watchdog wakes
+            raise WorkerDiedError(launcher.death if launcher and launcher.death else str(e)) from None
         updated = self.scheduler.update(sched, result)
         outputs = [self._output(r, result, num_before[r.request_id]) for r in updated]
         if self.proposer is not None:

@@ -124,40 +124,74 @@ def dequantize(tensor) -> np.ndarray:
     return quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
 
 
-def _packed(t, cfg: ModelConfig) -> GGUFWeight:
-    """A quantized matrix's raw blocks [rows, bytes per row]; un-permuting Q/K moves whole rows."""
+def _check_type(t) -> None:
     name = t.tensor_type.name
     if name not in SUPPORTED_TYPES:
         raise ModelLoadError(
             f"tensor {t.name} has type {name}, unsupported; supported: {', '.join(SUPPORTED_TYPES)}"
         )
-    raw = np.asarray(t.data)
-    if cfg.arch == "llama":
-        if t.name.endswith("attn_q.weight"):
-            raw = _unpermute(raw, cfg.num_heads)
-        elif t.name.endswith("attn_k.weight"):
-            raw = _unpermute(raw, cfg.num_kv_heads)
-    return GGUFWeight(raw=raw, type_name=name, shape=(int(t.shape[1]), int(t.shape[0])))
 
 
-def gguf_state_dict(reader, cfg: ModelConfig, dtype: torch.dtype,
-                    keep_packed: bool = False) -> Iterator[tuple[str, torch.Tensor | GGUFWeight, int]]:
-    """Yield (hf name, tensor in dtype, bytes in file) for every weight the model uses.
+def _raw_slice(t, cut: tuple[int, int, int] | None) -> tuple[np.ndarray, tuple[int, int] | None, int | None]:
+    """(raw data of the part of `t` to read, its logical (rows, cols) or None for a vector,
+    column offset still to cut after decoding or None). Only the returned part of the memory
+    map is touched: rows are contiguous, and a column range cuts whole quantization blocks;
+    a range that splits a block decodes the rows and cuts afterwards."""
+    from gguf import GGML_QUANT_SIZES
+
+    raw = t.data  # numpy view of the map: [rows, cols] for floats, [rows, bytes per row] for blocks
+    if len(t.shape) == 1:
+        return raw, None, None
+    rows, cols = int(t.shape[1]), int(t.shape[0])
+    if cut is None:
+        return raw, (rows, cols), None
+    dim, start, end = cut
+    if dim == 0:
+        return raw[start:end], (end - start, cols), None
+    block, nbytes = GGML_QUANT_SIZES[t.tensor_type]
+    if start % block or end % block:
+        return raw, (rows, cols), start
+    return raw[:, start // block * nbytes : end // block * nbytes], (rows, end - start), None
+
+
+def gguf_state_dict(reader, cfg: ModelConfig, dtype: torch.dtype, keep_packed: bool = False,
+                    shard=None) -> Iterator[tuple[str, torch.Tensor | GGUFWeight, int]]:
+    """Yield (hf name, tensor in dtype, bytes read from the file) for every weight the model uses.
     keep_packed: quantized matrices come as GGUFWeight (raw blocks, Q/K rows un-permuted)
-    instead, for tokenmill.quant to run packed."""
+    instead, for tokenmill.quant to run packed. shard (a TPShard): only this tensor-parallel
+    rank's slice of each split weight is read (distributed/shard.py)."""
     for t in reader.tensors:
         hf = _hf_name(t.name)
         if hf is None:
             continue
-        if keep_packed and t.tensor_type.name not in FLOAT_TYPES and len(t.shape) == 2:
-            yield hf, _packed(t, cfg), int(t.n_bytes)
+        _check_type(t)
+        cut = shard.slice_of(hf, cfg.head_dim) if shard is not None else None
+        raw, shape, col_start = _raw_slice(t, cut)
+        nbytes = int(t.n_bytes) if cut is None or col_start is not None else int(raw.nbytes)
+        heads = shape[0] // cfg.head_dim if shape is not None else 0  # Q/K: this slice's heads
+        permuted = cfg.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight"))
+        if keep_packed and t.tensor_type.name not in FLOAT_TYPES and shape is not None and col_start is None:
+            raw = np.asarray(raw)
+            yield hf, GGUFWeight(raw=_unpermute(raw, heads) if permuted else raw, type_name=t.tensor_type.name,
+                                 shape=shape), nbytes
             continue
-        w = dequantize(t)
-        if cfg.arch == "llama":
-            if t.name.endswith("attn_q.weight"):
-                w = _unpermute(w, cfg.num_heads)
-            elif t.name.endswith("attn_k.weight"):
-                w = _unpermute(w, cfg.num_kv_heads)
+        w = _decode(raw, t.tensor_type, shape if col_start is None else (shape[0], int(t.shape[0])))
+        if col_start is not None:
+            w = w[:, col_start : col_start + cut[2] - cut[1]]
+        if permuted:
+            w = _unpermute(w, heads)
         if not w.flags.writeable or not w.flags.c_contiguous:  # a view of the read-only map
             w = np.array(w, dtype=np.float32, order="C")
-        yield hf, torch.from_numpy(w).to(dtype), int(t.n_bytes)
+        yield hf, torch.from_numpy(w).to(dtype), nbytes
+
+
+def _decode(raw: np.ndarray, qtype, shape: tuple[int, int] | None) -> np.ndarray:
+    """float32 numpy of raw GGUF data (whole tensor or a slice of its rows/blocks)."""
+    from gguf import quants
+
+    name = qtype.name
+    if name in ("F32", "F16"):
+        w = np.asarray(raw).astype(np.float32, copy=name != "F32")
+    else:
+        w = quants.dequantize(np.asarray(raw), qtype)
+    return w if shape is None else w.reshape(shape)

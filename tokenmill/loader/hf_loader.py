@@ -61,7 +61,10 @@ def hf_model_config(path: Path) -> ModelConfig:
         raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
 
 
-def hf_state_dict(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, int]]:
+def hf_state_dict(path: Path, dtype: torch.dtype, shard=None,
+                  head_dim: int = 0) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """Yield (name, tensor in dtype, bytes read). shard (a TPShard): read only this
+    tensor-parallel rank's slice of each split weight (safetensors reads just those bytes)."""
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
@@ -71,7 +74,13 @@ def hf_state_dict(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.T
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    t = f.get_tensor(name)
+                    cut = shard.slice_of(name, head_dim) if shard is not None else None
+                    if cut is None:
+                        t = f.get_tensor(name)
+                    else:
+                        dim, start, end = cut
+                        part = f.get_slice(name)
+                        t = part[start:end] if dim == 0 else part[:, start:end]
                     yield name, t.to(dtype), t.numel() * t.element_size()
         except Exception as e:
             if isinstance(e, ModelLoadError):

@@ -9,10 +9,19 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tokenmill.config import ModelConfig
+from tokenmill.distributed.group import TPGroup
+from tokenmill.distributed.shard import TPShard
 from tokenmill.loader.resolve import ModelLoadError
 from tokenmill.model.layers import RotaryEmbedding
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.quant.gguf import GGUFWeight
+
+
+def _shard(cfg: ModelConfig, tp: TPGroup | None) -> TPShard | None:
+    if tp is None:
+        return None
+    TPShard.check(cfg, tp.size)
+    return TPShard.plan(cfg, tp.rank, tp.size)
 
 
 @dataclass(frozen=True)
@@ -24,28 +33,32 @@ class LoadedModel:
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True,
-               quantization: str = "none", group_size: int = 32) -> LoadedModel:
+               quantization: str = "none", group_size: int = 32, tp: TPGroup | None = None) -> LoadedModel:
     """quantization: a resolved scheme (tokenmill.quant): none | gguf | int8 | int4 | fp8.
     gguf keeps the file's quantized matrices packed; int8/int4/fp8 quantize float weights
-    (read in float32) at load. Everything not packed ends in `dtype`."""
+    (read in float32) at load. Everything not packed ends in `dtype`.
+    tp: this process is one tensor-parallel rank; it reads and holds only its shard
+    (file_bytes then counts the bytes it read)."""
     load_dtype = torch.float32 if quantization in ("int8", "int4", "fp8") else dtype
     if path.is_dir():
         from tokenmill.loader.hf_loader import hf_model_config, hf_num_tensors, hf_state_dict
 
         cfg = hf_model_config(path)
+        shard = _shard(cfg, tp)
         total = hf_num_tensors(path)
-        tensors = hf_state_dict(path, load_dtype)
+        tensors = hf_state_dict(path, load_dtype, shard, cfg.head_dim)
         reader = None
     else:
         from tokenmill.loader.gguf_loader import gguf_model_config, gguf_state_dict, open_gguf
 
         reader = open_gguf(path)
         cfg = gguf_model_config(reader, path)
+        shard = _shard(cfg, tp)
         total = len(reader.tensors)
-        tensors = gguf_state_dict(reader, cfg, load_dtype, keep_packed=quantization == "gguf")
+        tensors = gguf_state_dict(reader, cfg, load_dtype, keep_packed=quantization == "gguf", shard=shard)
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg, tp, shard)
     expected = {n for n, _ in model.named_parameters()}
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -113,6 +115,16 @@ async def _parse(request: Request, model: type[M]) -> M:
         raise bad_request(f"invalid {param or 'body'}: {first['msg']}", param=param) from None
 
 
+def _exit_when_workers_die(app: FastAPI, error: BaseException) -> None:
+    """A lost tensor-parallel rank cannot come back: stop serving (every request in flight has
+    its error by now) and let `run_server` exit with status 1 and the reason."""
+    from tokenmill.distributed.group import WorkerDiedError
+
+    if isinstance(error, WorkerDiedError):
+        app.state.fatal = str(error)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     """The app serving `engine`. The engine thread starts with the app (lifespan) and stops
     after the last connection closed."""
@@ -140,6 +152,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="tokenmill", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
+    app.state.fatal = None  # set when the server must exit non-zero
+    async_engine.on_dead = lambda error: _exit_when_workers_die(app, error)
     app.state.metrics = metrics
 
     @app.exception_handler(APIError)

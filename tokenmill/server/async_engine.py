@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -150,6 +151,11 @@ class _Abort:
 _STOP = object()
 
 
+@dataclass
+class _Fatal:
+    error: BaseException  # raised on the engine thread: a tensor-parallel worker died while idle
+
+
 class AsyncEngine:
     """Runs `engine` on a thread of its own. Start with `start()` inside the event loop.
 
@@ -165,12 +171,15 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.num_unstarted = 0  # event loop thread only
         self.error: BaseException | None = None
+        # called on the engine thread once the engine failed and every request got the error
+        self.on_dead: Callable[[BaseException], None] | None = None
 
     # -- event loop side ----------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
         self._thread.start()
+        self.engine.on_fatal(lambda error: self._commands.put(_Fatal(error)))
 
     @property
     def alive(self) -> bool:
@@ -245,6 +254,8 @@ class AsyncEngine:
                     self._shutdown(EngineDeadError("the server is shutting down"))
                     return
                 for command in commands:
+                    if isinstance(command, _Fatal):
+                        raise command.error
                     if isinstance(command, _Add):
                         self._add(command)
                     else:
@@ -256,6 +267,8 @@ class AsyncEngine:
             log.exception("engine thread failed")
             self.error = e
             self._shutdown(EngineDeadError(f"engine failure: {type(e).__name__}: {e}"))
+            if self.on_dead is not None:
+                self.on_dead(e)
 
     def _add(self, command: _Add) -> None:
         added: list[str] = []

@@ -28,7 +28,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from tokenmill.loader.resolve import ModelLoadError
     from tokenmill.sampling_params import InvalidRequestError
 
-    return (ConfigError, ModelLoadError, InvalidRequestError, ValueError, OSError)
+    from tokenmill.distributed.group import WorkerDiedError
+
+    return (ConfigError, ModelLoadError, InvalidRequestError, ValueError, OSError, WorkerDiedError)
 
 
 def serve_command(
@@ -58,6 +60,9 @@ def serve_command(
     max_num_batched_tokens: int = typer.Option(512, help="tokens in one engine step at most"),
     max_model_len: int = typer.Option(2048, help="context window (prompt + output tokens)"),
     threads: int | None = typer.Option(None, help="CPU threads for torch"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp",
+                                             help="split every layer over N ranks (gloo on CPU, NCCL on CUDA)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step"),
     shutdown_timeout: float = typer.Option(30.0, help="seconds SIGTERM waits for running requests"),
 ) -> None:
     """Serve the model over the OpenAI HTTP API (completions, chat, streaming, metrics, metering)."""
@@ -78,7 +83,8 @@ def serve_command(
         )
         engine_config = EngineConfig(
             model=model, device=device, dtype=dtype, threads=threads, quantization=quantization,
-            quant_group_size=group_size, kv_cache_dtype=kv_cache_dtype,
+            quant_group_size=group_size, kv_cache_dtype=kv_cache_dtype, compile=compile,
+            tensor_parallel_size=tensor_parallel_size,
             cache=CacheConfig(memory_bytes=int(kv_cache_memory_gb * 2**30)),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),
@@ -121,6 +127,9 @@ def run_server(app, config, host: str, port: int, shutdown_timeout: float) -> No
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        app.state.ctx.engine.engine.shutdown()
+    if app.state.fatal is not None:
+        _fail(RuntimeError(app.state.fatal))
 
 
 def usage_command(

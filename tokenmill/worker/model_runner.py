@@ -23,6 +23,10 @@ drafts that came with their draft distribution q go through `rejection_sample` i
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
+
 import torch
 
 from tokenmill.attention.paged import AttentionMetadata
@@ -37,17 +41,66 @@ from tokenmill.sample.rejection import (
 )
 from tokenmill.sample.sampler import Sampler, SamplingState
 
+log = logging.getLogger("tokenmill")
+
+MIN_TABLE_WIDTH = 2  # decode block tables are padded to at least this many blocks
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """A step's batch as plain lists (what rank 0 broadcasts to the other tensor-parallel ranks)."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    decode_idx: list[int]
+    decode_tables: list[list[int]]  # padded to table_width with block 0
+    table_width: int
+    decode_lens: list[int]
+    prefills: list[tuple[int, int, int, list[int]]]  # (first token, tokens, context length, blocks)
+    logits_idx: list[int]
+
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, device: torch.device) -> None:
+                 block_size: int, device: torch.device, compile_decode: bool = False) -> None:
         self.model = model
+        self.tp = model.tp  # a TPGroup when the model is one tensor-parallel shard
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        self.compiled_layers: list | None = None
+        if compile_decode:
+            self._compile_decode()
 
-    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _compile_decode(self) -> None:
+        """Decode-only steps run the decoder layers through torch.compile (one graph per layer
+        code, shared by all layers; dynamic in the batch and context sizes). Steps with prefill
+        chunks stay eager: their Python-side metadata would recompile per chunk count. Compiles
+        here, on dummy decodes of batch 1 and 2 (the sizes torch specializes), so no request
+        waits for the compiler; the dummies write K/V only into block 0's first slots, which no
+        request owns yet."""
+        t0 = time.perf_counter()
+        self.compiled_layers = [torch.compile(layer, dynamic=True) for layer in self.model.model.layers]
+        for b in (1, 2):
+            with torch.inference_mode():  # as in compute_logits: the guards check it
+                self._dummy_decode(b)
+        log.info("compiled the decode step in %.1f s", time.perf_counter() - t0)
+
+    def _dummy_decode(self, b: int) -> None:
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(b, device=dev),
+            decode_token_idx=torch.arange(b, device=dev),
+            decode_block_tables=torch.zeros(b, MIN_TABLE_WIDTH, dtype=torch.long, device=dev),
+            decode_ctx_lens=torch.ones(b, dtype=torch.long, device=dev),
+            prefills=[], num_tokens=b,
+        )
+        zeros = torch.zeros(b, dtype=torch.long, device=dev)
+        self.model(zeros, zeros, self.kv_caches, meta, self.compiled_layers)
+
+    def _plan(self, sched: SchedulerOutput) -> StepInput:
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -68,34 +121,47 @@ class ModelRunner:
                 decode_tables.append(table[: -(-ctx_len // bs)])
                 decode_lens.append(ctx_len)
             else:
-                blocks = torch.tensor(table[: -(-ctx_len // bs)], dtype=torch.long, device=self.device)
-                prefills.append((first, r.num_tokens, ctx_len, blocks))
+                prefills.append((first, r.num_tokens, ctx_len, table[: -(-ctx_len // bs)]))
             if r.sample:  # the last token, or the last real token and every draft
                 logits_idx.extend(range(len(token_ids) - 1 - len(r.spec_token_ids), len(token_ids)))
         width = max((len(t) for t in decode_tables), default=0)
+        if decode_tables:  # width 1 would be a shape of its own to the compiler
+            width = max(width, MIN_TABLE_WIDTH)
         padded = [t + [0] * (width - len(t)) for t in decode_tables]
+        return StepInput(token_ids, positions, slots, decode_idx, padded, width, decode_lens, prefills, logits_idx)
+
+    def _tensors(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
+        long = lambda values: torch.tensor(values, dtype=torch.long, device=dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            decode_token_idx=torch.tensor(decode_idx, dtype=torch.long, device=dev),
-            decode_block_tables=torch.tensor(padded, dtype=torch.long, device=dev).view(len(padded), width),
-            decode_ctx_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
-            prefills=prefills,
-            num_tokens=len(token_ids),
+            slot_mapping=long(step.slots),
+            decode_token_idx=long(step.decode_idx),
+            decode_block_tables=long(step.decode_tables).view(len(step.decode_tables), step.table_width),
+            decode_ctx_lens=long(step.decode_lens),
+            prefills=[(first, n, ctx_len, long(blocks)) for first, n, ctx_len, blocks in step.prefills],
+            num_tokens=len(step.token_ids),
         )
-        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids, pos_t, meta, logits_idx
+        return long(step.token_ids), long(step.positions), meta
 
     @torch.inference_mode()
     def compute_logits(self, sched: SchedulerOutput) -> torch.Tensor | None:
         """One forward pass over the step's tokens; logits [R, V] float32 at the sampling rows
-        (one per sampling request, 1 + k for a request with k drafts), or None if none samples."""
-        ids, positions, meta, logits_idx = self._prepare(sched)
-        hidden = self.model(ids, positions, self.kv_caches, meta)  # [T, hidden]
-        if not logits_idx:
+        (one per sampling request, 1 + k for a request with k drafts), or None if none samples.
+        Under tensor parallelism this is rank 0's half of the step: it first broadcasts the
+        step's batch, which the other ranks run in `run_step` (distributed/worker.py)."""
+        step = self._plan(sched)
+        if self.tp is not None:
+            self.tp.broadcast_object(step)
+        return self.run_step(step)
+
+    @torch.inference_mode()
+    def run_step(self, step: StepInput) -> torch.Tensor | None:
+        ids, positions, meta = self._tensors(step)
+        layers = self.compiled_layers if not meta.prefills else None
+        hidden = self.model(ids, positions, self.kv_caches, meta, layers)  # [T, hidden]
+        if not step.logits_idx:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)])  # [R, V]
+        return self.model.compute_logits(hidden[torch.tensor(step.logits_idx, device=self.device)])  # [R, V]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, states: dict[str, SamplingState],

@@ -1,0 +1,171 @@
+"""Tensor parallelism on CPU (gloo, 2 ranks as 2 processes): the same greedy tokens as one
+rank, each rank reading only its slice of the file, and a killed worker failing fast."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.golden import PROMPTS, compare_up_to_near_tie, margins
+from tokenmill.llm import LLM
+from tokenmill.sampling_params import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+
+
+def _tp_llm(model: str, size: int, **kw) -> LLM:
+    return LLM(model, device="cpu", dtype="float32", quantization="none", tensor_parallel_size=size,
+               kv_cache_memory_gb=0.1, max_model_len=512, show_progress=False, **kw)
+
+
+def _assert_same_greedy(ours: list, ref: list) -> int:
+    compared = [compare_up_to_near_tie(o.outputs[0].token_ids, r.outputs[0].token_ids, margins(r))
+                for o, r in zip(ours, ref)]
+    return sum(compared)
+
+
+def test_two_ranks_generate_what_one_does_on_the_real_model(llm, model_path):
+    """SmolLM2-135M: 9 heads / 3 KV heads split unevenly (6 + 3), vocabulary and FFN halved."""
+    from gguf import GGUFReader
+
+    tp = _tp_llm("smollm2-135m", 2)
+    try:
+        ours = tp.generate(PROMPTS[:4], PARAMS, use_progress=False)
+        ref = llm.generate(PROMPTS[:4], PARAMS, use_progress=False)
+        assert _assert_same_greedy(ours, ref) >= 4 * 16
+        # sharded loading: each rank read about half the file (norms are whole on both)
+        total = sum(int(t.n_bytes) for t in GGUFReader(str(model_path)).tensors)
+        per_rank = tp.engine.rank_weight_bytes
+        assert len(per_rank) == 2 and all(b < 0.55 * total for b in per_rank), (per_rank, total)
+        assert total <= sum(per_rank) <= 1.01 * total
+    finally:
+        tp.engine.shutdown()
+
+
+def _tiny_hf_dir(dst: Path, tokenizer_dir: Path, kind: str) -> Path:
+    """A random tiny checkpoint: llama with 1 KV head (replicated on both ranks), or qwen2 with
+    QKV biases and a tied head."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from tests.tiny_models import VOCAB, randomize_
+
+    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2}
+    torch.manual_seed(0)
+    if kind == "llama-kv1":
+        model = LlamaForCausalLM(LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=1,
+                                             tie_word_embeddings=False))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=2,
+                                             tie_word_embeddings=True))
+    randomize_(model, seed=3)
+    model.float().save_pretrained(str(dst))
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from tests.tiny_models import save_hf_tokenizer
+
+    d = tmp_path_factory.mktemp("tokenizer")
+    save_hf_tokenizer(d)
+    return d
+
+
+@pytest.mark.parametrize("kind", ["llama-kv1", "qwen2-bias-tied"])
+def test_two_ranks_on_random_models(kind, tmp_path, tokenizer_dir):
+    """KV-head replication (1 KV head, 2 ranks) and sliced QKV biases with a tied, split head."""
+    path = _tiny_hf_dir(tmp_path, tokenizer_dir, kind)
+    one = _tp_llm(str(path), 1)
+    ref = one.generate(PROMPTS[:3], PARAMS, use_progress=False)
+    two = _tp_llm(str(path), 2)
+    try:
+        ours = two.generate(PROMPTS[:3], PARAMS, use_progress=False)
+        assert _assert_same_greedy(ours, ref) >= 3 * 12
+        total = one.engine.rank_weight_bytes[0]
+        assert all(b < 0.6 * total for b in two.engine.rank_weight_bytes), (two.engine.rank_weight_bytes, total)
+    finally:
+        two.engine.shutdown()
+
+
+def _spawned_workers(pid: int) -> list[int]:
+    """Child processes started by multiprocessing's spawn (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    out = []
+    for c in children:
+        try:
+            cmd = Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except FileNotFoundError:
+            continue
+        if "spawn_main" in cmd:
+            out.append(int(c))
+    return out
+
+
+def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 120) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        workers = _spawned_workers(proc.pid)
+        if len(workers) == n:
+            return workers
+        time.sleep(0.2)
+    raise AssertionError("the worker process did not start")
+
+
+def test_killed_worker_stops_generate_with_a_clear_error():
+    """`tokenmill generate -tp 2` decoding a long output; SIGKILL the worker: the command exits
+    with status 1 and one line naming the rank, within seconds."""
+    cmd = [sys.executable, "-m", "tokenmill.cli", "generate", "Once upon a time", "--max-tokens", "1500",
+           "--ignore-eos", "--quantization", "none", "--dtype", "float32", "--device", "cpu",
+           "--tensor-parallel-size", "2", "--kv-cache-memory-gb", "0.1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"})
+    try:
+        (worker,) = _wait_for_workers(proc, 1)
+        first = proc.stdout.read(20)  # decoding has begun
+        assert first
+        os.kill(worker, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert "error: tensor-parallel worker rank 1 was killed by signal 9" in err, err[-2000:]
+
+
+def test_killed_worker_fails_the_request_in_flight_and_the_server_exits(tmp_path):
+    import openai
+
+    from tests.server.conftest import ServerProcess
+
+    server = ServerProcess(tmp_path, "--tensor-parallel-size", "2")
+    try:
+        (worker,) = _spawned_workers(server.proc.pid)
+        stream = server.client().completions.create(model="smollm2-135m", prompt="Once upon a time",
+                                                    max_tokens=400, stream=True, temperature=0)
+        chunks = iter(stream)
+        assert next(chunks).choices[0].text is not None
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises((openai.APIError, openai.APIConnectionError)):
+            for _ in chunks:
+                pass
+        server.proc.wait(timeout=30)
+        assert server.proc.returncode == 1
+        assert "tensor-parallel worker rank 1 was killed by signal 9" in server.log()
+    finally:
+        server.stop()

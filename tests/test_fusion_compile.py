@@ -1,0 +1,77 @@
+"""Merged projections compute what the separate layers did; the compiled decode step gives the
+eager step's greedy tokens on the real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.golden import compare_up_to_near_tie, margins
+from tokenmill.model.fusion import merge_linears
+from tokenmill.quant.int4 import Int4Linear
+from tokenmill.quant.int8 import Int8Linear
+from tokenmill.sampling_params import SamplingParams
+
+
+def _linears(kind: str, outs: list[int], k: int, bias: bool) -> list[nn.Module]:
+    g = torch.Generator().manual_seed(len(outs) * 7 + k)
+    mods = []
+    for n in outs:
+        w = torch.randn(n, k, generator=g) * 0.05
+        b = torch.randn(n, generator=g) if bias else None
+        if kind == "float":
+            m = nn.Linear(k, n, bias=bias)
+            m.weight.data, m.bias = w, (nn.Parameter(b) if bias else None)
+        elif kind == "int4":
+            m = Int4Linear.from_float(w, 32, b)
+        else:
+            m = Int8Linear.from_float(w, b)
+        mods.append(m)
+    return mods
+
+
+@pytest.mark.parametrize("kind", ["float", "int4", "int8"])
+@pytest.mark.parametrize("m", [1, 37])
+def test_merged_equals_concatenated_outputs(kind, m):
+    mods = _linears(kind, [576, 192, 100], 576, bias=kind != "int8")
+    merged = merge_linears(mods)
+    assert type(merged) is type(mods[0]) and merged.out_features == 868
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m))
+    want = torch.cat([mod(x) for mod in mods], dim=-1)
+    got = merged(x)
+    # packed kernels compute each output row from its own codes: equal up to bf16 rounding
+    tol = 1e-5 if kind == "float" else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if kind == "int4":
+        assert torch.equal(merged.codes(), torch.cat([mod.codes() for mod in mods]))
+
+
+def test_unlike_layers_stay_separate():
+    a = _linears("int4", [64], 64, bias=False)[0]
+    b = _linears("int8", [64], 64, bias=False)[0]
+    assert merge_linears([a, b]) is None
+    assert merge_linears(_linears("float", [64], 64, False) + _linears("float", [64], 128, False)) is None
+
+
+def test_loaded_model_runs_merged(llm):
+    layer = llm.engine.model.model.layers[0]
+    assert hasattr(layer.self_attn, "qkv_proj") and not hasattr(layer.self_attn, "q_proj")
+    assert hasattr(layer.mlp, "gate_up_proj") and not hasattr(layer.mlp, "gate_proj")
+
+
+def test_compiled_decode_matches_eager(llm):
+    """The same engine's runner with compiled decode layers: greedy tokens equal eager ones
+    (near-tie rule of tests/golden.py) for a batch of three decoding together."""
+    from tokenmill.llm import LLM
+
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+    eager = llm.generate(prompts, params, use_progress=False)
+    compiled_llm = LLM(quantization="none", dtype="float32", compile=True, kv_cache_memory_gb=0.05,
+                       show_progress=False)
+    assert compiled_llm.engine.runner.compiled_layers is not None
+    compiled = compiled_llm.generate(prompts, params, use_progress=False)
+    compared = [compare_up_to_near_tie(c.outputs[0].token_ids, e.outputs[0].token_ids, margins(e))
+                for e, c in zip(eager, compiled)]
+    assert sum(compared) >= 24, f"steps compared per prompt: {compared}"

@@ -1,0 +1,155 @@
+"""Paged decode attention in Triton: the CUDA fast path of `paged._decode_attention`.
+
+One query token per request attends over that request's first ctx_len cached tokens, which
+live in fixed-size blocks of the KV pool named by its block table. The torch reference gathers
+every block of the (padded) table into a dense [B, S, Hkv, D] copy, then softmaxes; this kernel
+instead streams the blocks once, keeping a running (online) softmax, flash-decoding style.
+
+Grid: one program per (request b, kv head kvh). The program owns the G = H / Hkv query heads
+that share kv head kvh (GQA), so each K/V block is read from memory once per group, not once
+per query head. G need not be a power of two: rows are padded to next_power_of_2(G) and masked.
+
+    q_grp [G, D] (fp32)          m = -inf, l = 0, acc = 0          (per query row)
+    for n in 0 .. cdiv(ctx_len, block_size) - 1:
+        blk   = block_table[b, n]
+        K, V  = cache[blk, :, kvh, :]            [BS, D]   tokens past ctx_len masked
+        s     = q_grp @ K^T * scale              [G, BS]   (-inf where masked)
+        m'    = max(m, rowmax(s))
+        p     = exp(s - m')                      [G, BS]
+        alpha = exp(m - m')                      rescales what was summed under the old max
+        l     = l * alpha + rowsum(p)
+        acc   = acc * alpha + p @ V              [G, D]
+        m     = m'
+    out[b, kvh*G : (kvh+1)*G] = acc / l
+
+Only blocks below cdiv(ctx_len, block_size) are visited, so the 0-padding of the table is never
+read, and every visited block holds at least one valid token, so m' is finite after the first
+block. Exponentials use exp2 with the scale folded into log2(e) * scale (same math, cheaper).
+All arithmetic is float32, as in the reference; the result is cast to q.dtype.
+
+Plain tensor pools only: a QuantizedKVPool stays on the torch path. The kernel also runs on CPU
+through Triton's interpreter when TRITON_INTERPRET=1 is set before this module is imported
+(the interpreter is chosen when @triton.jit decorates the kernel, i.e. at import).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # optional dependency: callers check available() and use the torch path
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+# Fixed at import: @triton.jit below picks the interpreter or the compiler when it runs.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether paged_decode_attention can run on tensors of `device`."""
+    if not _HAS_TRITON:
+        return False
+    return _INTERPRET or torch.device(device).type == "cuda"
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr,
+        qk_scale,  # scale * log2(e)
+        stride_qb, stride_qh, stride_qd,
+        stride_kn, stride_ks, stride_kh, stride_kd,
+        stride_vn, stride_vs, stride_vh, stride_vd,
+        stride_btb, stride_btn,
+        stride_ob, stride_oh, stride_od,
+        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        PAD_G: tl.constexpr, PAD_D: tl.constexpr, PAD_BS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        ctx_len = tl.load(ctx_ptr + b)
+
+        g = tl.arange(0, PAD_G)  # [PAD_G]  query rows of this group
+        d = tl.arange(0, PAD_D)  # [PAD_D]
+        t = tl.arange(0, PAD_BS)  # [PAD_BS] token offset inside a block
+        g_ok = g < G
+        d_ok = d < HEAD_DIM
+        heads = kvh * G + g  # [PAD_G] query head index
+
+        q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd
+        q_mask = g_ok[:, None] & d_ok[None, :]  # [PAD_G, PAD_D]
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)  # [PAD_G, PAD_D]
+
+        m_i = tl.full([PAD_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([PAD_G], dtype=tl.float32)
+        acc = tl.zeros([PAD_G, PAD_D], dtype=tl.float32)
+
+        num_blocks = tl.cdiv(ctx_len, BLOCK_SIZE)
+        for n in range(num_blocks):
+            blk = tl.load(bt_ptr + b * stride_btb + n * stride_btn).to(tl.int64)
+            t_ok = (t < BLOCK_SIZE) & (n * BLOCK_SIZE + t < ctx_len)  # [PAD_BS]
+            kv_mask = t_ok[:, None] & d_ok[None, :]  # [PAD_BS, PAD_D]
+            k_ptrs = (k_ptr + blk * stride_kn + t[:, None] * stride_ks + kvh * stride_kh
+                      + d[None, :] * stride_kd)
+            v_ptrs = (v_ptr + blk * stride_vn + t[:, None] * stride_vs + kvh * stride_vh
+                      + d[None, :] * stride_vd)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [PAD_BS, PAD_D]
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [PAD_BS, PAD_D]
+
+            # G is small and decode is memory bound: broadcast-multiply-sum, not tl.dot (M >= 16)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * qk_scale  # [PAD_G, PAD_BS] log2
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [PAD_G]
+            p = tl.exp2(s - m_new[:, None])  # [PAD_G, PAD_BS]
+            alpha = tl.exp2(m_i - m_new)  # [PAD_G]; 0 on the first block (m_i = -inf)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            pv = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # [PAD_G, PAD_D]
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, ctx_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Same contract as paged._decode_attention, for plain tensor pools.
+
+    q [B, H, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
+    (padded with 0); ctx_lens [B] (each >= 1). Returns [B, H, D] in q.dtype.
+    """
+    if not _HAS_TRITON:
+        raise RuntimeError("triton is not installed; use paged._decode_attention instead")
+    b, h, d = q.shape
+    _, bs, hkv, dk = k_cache.shape
+    if v_cache.shape != k_cache.shape or dk != d or h % hkv:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
+                         f"v_cache {tuple(v_cache.shape)}")
+    g = h // hkv
+    out = torch.empty_like(q)  # [B, H, D]
+    if b == 0:
+        return out
+    grid = (b, hkv)
+    _paged_decode_kernel[grid](
+        q, k_cache, v_cache, block_tables, ctx_lens, out,
+        float(scale) * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        *k_cache.stride(), *v_cache.stride(),
+        block_tables.stride(0), block_tables.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        G=g, HEAD_DIM=d, BLOCK_SIZE=bs,
+        PAD_G=triton.next_power_of_2(g), PAD_D=triton.next_power_of_2(d),
+        PAD_BS=triton.next_power_of_2(bs),
+    )
+    return out

@@ -1,0 +1,83 @@
+"""TPGroup: the collectives a tensor-parallel forward needs, over torch.distributed.
+
+Backend: NCCL on CUDA, gloo on CPU. The group is an explicit object handed to the modules
+that communicate (no module-global state): a model built without one runs on one device.
+
+Per decoder layer a forward does two all-reduces (after o_proj and after down_proj), plus one
+for the embedding lookup and one all-gather of the logits per step; rank 0 broadcasts each
+step's batch first (`broadcast_object`). A peer that dies closes its sockets and gloo raises
+at once in every collective; `WorkerDiedError` carries that to the engine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel rank is gone; the engine cannot continue."""
+
+
+# an idle server waits in a broadcast for its next step: no timeout short enough to fire then
+COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int
+    size: int
+    device: torch.device
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x over ranks (in place; returns x)."""
+        _guard(dist.all_reduce, x)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate each rank's x [N, sizes[rank]] along the last dim: [N, sum(sizes)]."""
+        width = max(sizes)
+        padded = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()  # [N, width]
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        _guard(dist.all_gather, parts, padded)
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        out = [None] * self.size
+        _guard(dist.all_gather_object, out, obj)
+        return out
+
+    def broadcast_object(self, obj=None):
+        """Rank 0's `obj` on every rank (pickled; the step's batch is a few KB)."""
+        box = [obj]
+        _guard(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+
+def _guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        if "closed by peer" in str(e) or "Connection reset" in str(e) or "Broken pipe" in str(e):
+            raise WorkerDiedError(f"a tensor-parallel rank died ({str(e).splitlines()[0][-120:]})") from None
+        raise
+
+
+def init_group(rank: int, size: int, device: torch.device, master_addr: str | None = None,
+               master_port: int | None = None) -> TPGroup:
+    """Join the default process group (env:// when addr/port are not given: torchrun sets them)."""
+    if master_addr is not None:
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    return TPGroup(rank, size, device)
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
+                                                   and "MASTER_ADDR" in os.environ)
