@@ -75,3 +75,21 @@ def test_compiled_decode_matches_eager(llm):
     compared = [compare_up_to_near_tie(c.outputs[0].token_ids, e.outputs[0].token_ids, margins(e))
                 for e, c in zip(eager, compiled)]
     assert sum(compared) >= 24, f"steps compared per prompt: {compared}"
+
+
+def test_dummy_weights_from_the_catalog_and_with_two_ranks():
+    """--load-format dummy: the planner catalog's shape with random weights, alone and split."""
+    from tokenmill.llm import LLM
+    from tokenmill.plan import catalog
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    spec = catalog.model("smollm2-135m")
+    for tp in (1, 2):
+        llm = LLM("smollm2-135m", load_format="dummy", quantization="none", dtype="float32",
+                  tensor_parallel_size=tp, kv_cache_memory_gb=0.05, show_progress=False)
+        cfg = llm.engine.model_config
+        assert (cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.vocab_size) == (
+            spec.layers, spec.hidden, spec.kv_heads, spec.vocab)
+        out = llm.generate(["Hello"], params, use_progress=False)[0].outputs[0]
+        assert len(out.token_ids) == 8
+        llm.engine.shutdown()

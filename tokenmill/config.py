@@ -141,6 +141,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto (= the compute dtype) | int8 | fp8
     compile: bool = False  # torch.compile the decode step (worker/model_runner.py)
     tensor_parallel_size: int = 1  # ranks each layer is split over (tokenmill/distributed/)
+    load_format: str = "auto"  # auto (read the weights) | dummy (random weights; loader/dummy.py)
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
     QUANTIZATIONS = ("auto", "none", "int8", "int4", "fp8")
@@ -157,6 +158,8 @@ class EngineConfig:
                               f"{', '.join(map(str, self.GROUP_SIZES))}")
         if self.kv_cache_dtype not in self.KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: accepted {', '.join(self.KV_CACHE_DTYPES)}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format={self.load_format!r}: accepted auto, dummy")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size}: must be >= 1")
         if self.tensor_parallel_size > 1 and self.speculative.method in ("draft", "self"):

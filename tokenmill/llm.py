@@ -43,6 +43,7 @@ class LLM:
         speculative: SpecConfig | dict | None = None,
         compile: bool = False,
         tensor_parallel_size: int = 1,
+        load_format: str = "auto",
         show_progress: bool = True,
     ) -> None:
         """`speculative`: a SpecConfig or its fields as a dict, e.g.
@@ -68,6 +69,7 @@ class LLM:
             speculative=speculative or SpecConfig(),
             compile=compile,
             tensor_parallel_size=tensor_parallel_size,
+            load_format=load_format,
         )
         setup_logging()
         self.engine = LLMEngine(config, show_progress=show_progress)

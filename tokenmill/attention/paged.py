@@ -6,7 +6,8 @@ KV pool of one layer (one for K, one for V):
     cache.view(-1, Hkv, D)[slot_mapping] = k     (write the step's new tokens)
 
 A request's context is gathered through its block table, so its tokens need not be contiguous.
-Runs on any device; numerics: softmax in float32.
+Runs on any device; numerics: softmax in float32. On CUDA, decodes over plain pools run the
+Triton kernel of triton_decode.py instead (tested against `_decode_attention`).
 
 A pool may instead be a QuantizedKVPool (int8/fp8 codes with per-token, per-head scales,
 tokenmill/quant/kv.py): writes quantize, and the gather below dequantizes to the compute dtype;
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmill.attention import triton_decode
 from tokenmill.quant.kv import QuantizedKVPool
 
 KVPool = torch.Tensor | QuantizedKVPool
@@ -74,7 +76,10 @@ def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     hkv = k_cache.shape[2]
     out = torch.empty_like(q)
     if meta.decode_token_idx.numel():
-        out[meta.decode_token_idx] = _decode_attention(
+        decode = _decode_attention
+        if q.is_cuda and not isinstance(k_cache, QuantizedKVPool) and triton_decode.available(q.device):
+            decode = triton_decode.paged_decode_attention  # streams the blocks; no gathered copy
+        out[meta.decode_token_idx] = decode(
             q[meta.decode_token_idx], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale
         )
     for start, n, ctx_len, block_table in meta.prefills:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from rich.progress import Progress
 
-from tokenmill.bench.bytes import kv_bytes_per_step, resident_weight_bytes, weight_bytes_per_step
+from tokenmill.bench.bytes import kv_bytes_per_step, resident_weight_bytes
 from tokenmill.llm import LLM
 from tokenmill.sampling_params import SamplingParams
 
@@ -74,7 +74,7 @@ def bench_latency(llm: LLM, input_len: int = 128, output_len: int = 64, repeats:
     prefill_s = statistics.median(prefill)
     decode_s = statistics.median(decode)
     ctx = input_len + output_len // 2  # mean context during decode
-    step_bytes = weight_bytes_per_step(engine.model) + kv_bytes_per_step(engine.model, ctx, engine.dtype, engine.config.kv_cache_dtype)
+    step_bytes = engine.step_weight_bytes + kv_bytes_per_step(engine.model, ctx, engine.dtype, engine.config.kv_cache_dtype)
     peak = _peak_gbs()
     achieved = step_bytes / decode_s / 1e9
     return LatencyResult(
@@ -121,7 +121,7 @@ def bench_throughput(llm: LLM, num_requests: int = 32, input_len: int = 128, out
     # every step reads the weights once; KV reads average half the final context per request
     kv = kv_bytes_per_step(engine.model, (input_len + output_len // 2) * num_requests, engine.dtype,
                            engine.config.kv_cache_dtype)
-    moved = steps * weight_bytes_per_step(engine.model) + output_len * kv
+    moved = steps * engine.step_weight_bytes + output_len * kv
     return ThroughputResult(
         model=engine.model_path.name, dtype=str(engine.dtype).removeprefix("torch."), num_requests=num_requests,
         input_len=input_len, output_len=output_len, elapsed_s=elapsed, output_tokens_per_s=produced / elapsed,

@@ -28,9 +28,11 @@ from tokenmill.config import ConfigError, ModelConfig
 
 
 def split(n: int, parts: int, index: int, align: int = 1) -> tuple[int, int]:
-    """[start, end) of part `index` when n splits into `parts` near-equal runs of `align` units."""
-    if n % align:
-        align = 1
+    """[start, end) of part `index` when n splits into `parts` near-equal runs of whole `align`
+    units; a coarser unit than n allows (one that does not divide n, or gives a part nothing)
+    falls back to 32, then to 1."""
+    while align > 1 and (n % align or n // align < parts):
+        align = 32 if align > 32 else 1
     base, rem = divmod(n // align, parts)
     start = index * base + min(index, rem)
     return start * align, (start + base + (index < rem)) * align

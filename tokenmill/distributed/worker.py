@@ -27,6 +27,7 @@ import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -152,12 +153,12 @@ def run_worker(config: EngineConfig, tp: TPGroup) -> None:
     from tokenmill.quant import resolve_quantization
 
     torch.manual_seed(config.seed)
-    path = resolve_model(config.model)
+    path = resolve_model(config.model) if config.load_format != "dummy" else Path(config.model)
     quantization = resolve_quantization(config.quantization, path)
     dtype = resolve_dtype(config.dtype, tp.device, quantized=quantization != "none")
     try:
         shard = load_shard(config, path, quantization, dtype, tp.device, tp, show_progress=False)
-        tp.all_gather_object(shard.loaded.file_bytes)  # rank 0 reports what each rank read
+        tp.all_gather_object(shard.weight_bytes())  # rank 0 reports every rank's bytes
         while (step := tp.broadcast_object()) is not None:
             shard.runner.run_step(step)
     except WorkerDiedError:

@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
+from pathlib import Path
 
 import torch
 
@@ -70,6 +71,12 @@ class Shard:
     num_blocks: int
     runner: ModelRunner
 
+    def weight_bytes(self) -> tuple[int, int]:
+        """(bytes of the file read, bytes of weights one forward pass reads)."""
+        from tokenmill.bench.bytes import weight_bytes_per_step
+
+        return self.loaded.file_bytes, weight_bytes_per_step(self.loaded.model)
+
 
 def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch.dtype, device: torch.device,
                tp: TPGroup | None, show_progress: bool) -> Shard:
@@ -77,7 +84,7 @@ def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch
     size and allocate the KV pool and build the runner. Every rank sizes its pool for the rank
     with the most KV heads, so all hold the same number of blocks."""
     loaded = load_model(model_path, dtype, device, show_progress=show_progress, quantization=quantization,
-                        group_size=config.quant_group_size, tp=tp)
+                        group_size=config.quant_group_size, tp=tp, load_format=config.load_format)
     fuse_projections(loaded.model)  # q/k/v and gate/up as one matmul each (model/fusion.py)
     cache, kv_dtype = config.cache, config.kv_cache_dtype
     local = loaded.model.local_config
@@ -89,6 +96,22 @@ def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch
     kv_caches = allocate_kv_caches(local, num_blocks, cache.block_size, dtype, device, kv_dtype)
     runner = ModelRunner(loaded.model, kv_caches, cache.block_size, device, config.compile)
     return Shard(loaded, num_blocks, runner)
+
+
+def _tokenizer(loaded: LoadedModel, path: Path) -> Tokenizer:
+    if loaded.gguf_reader is not None:
+        return Tokenizer.from_gguf(loaded.gguf_reader)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return load_tokenizer(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from tokenmill.loader.gguf_loader import open_gguf
+
+        return Tokenizer.from_gguf(open_gguf(path))
+    # dummy weights without a tokenizer of their own: the default model's
+    from tokenmill.loader.gguf_loader import open_gguf
+    from tokenmill.loader.resolve import default_model_path
+
+    return Tokenizer.from_gguf(open_gguf(default_model_path()))
 
 
 @dataclass
@@ -121,7 +144,7 @@ class LLMEngine:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
-        self.model_path = resolve_model(config.model)
+        self.model_path = resolve_model(config.model) if config.load_format != "dummy" else Path(config.model)
         self.quantization = resolve_quantization(config.quantization, self.model_path)  # none, gguf, int8...
         check_quant_device(self.quantization, self.device)
         self.dtype = resolve_dtype(config.dtype, self.device, quantized=self.quantization != "none")
@@ -134,16 +157,18 @@ class LLMEngine:
         loaded, cache, kv_dtype = shard.loaded, config.cache, config.kv_cache_dtype
         self.model_config = loaded.config
         self.weight_file_bytes = loaded.file_bytes
-        # bytes of the weight file each rank read (its shard; tensor parallelism)
-        self.rank_weight_bytes = [loaded.file_bytes] if self.tp is None else self.tp.all_gather_object(loaded.file_bytes)
+        # per rank (tensor parallelism: its shard): bytes of the weight file it read, bytes of
+        # weights one forward pass reads
+        mine = shard.weight_bytes()
+        ranks = [mine] if self.tp is None else self.tp.all_gather_object(mine)
+        self.rank_weight_bytes = [r[0] for r in ranks]
+        self.step_weight_bytes = sum(r[1] for r in ranks)
         if self.tp is not None:
             atexit.register(self.shutdown)
             log.info("tensor parallel: %d ranks (%s); weight bytes read per rank: %s", self.tp.size,
                      "gloo" if self.device.type == "cpu" else "nccl",
                      ", ".join(f"{b / 2**20:.1f} MiB" for b in self.rank_weight_bytes))
-        self.tokenizer: Tokenizer = (
-            Tokenizer.from_gguf(loaded.gguf_reader) if loaded.gguf_reader is not None else load_tokenizer(self.model_path)
-        )
+        self.tokenizer = _tokenizer(loaded, self.model_path)
         self.num_blocks = shard.num_blocks
         self.max_model_len = min(
             config.scheduler.max_model_len, loaded.config.max_position_embeddings, self.num_blocks * cache.block_size

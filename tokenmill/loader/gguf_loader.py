@@ -148,6 +148,8 @@ def _raw_slice(t, cut: tuple[int, int, int] | None) -> tuple[np.ndarray, tuple[i
     dim, start, end = cut
     if dim == 0:
         return raw[start:end], (end - start, cols), None
+    if raw.dtype != np.uint8:  # F32/F16 come as elements; quantized (and BF16) types as bytes
+        return raw[:, start:end], (rows, end - start), None
     block, nbytes = GGML_QUANT_SIZES[t.tensor_type]
     if start % block or end % block:
         return raw, (rows, cols), start

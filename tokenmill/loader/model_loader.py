@@ -33,14 +33,26 @@ class LoadedModel:
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progress: bool = True,
-               quantization: str = "none", group_size: int = 32, tp: TPGroup | None = None) -> LoadedModel:
+               quantization: str = "none", group_size: int = 32, tp: TPGroup | None = None,
+               load_format: str = "auto") -> LoadedModel:
     """quantization: a resolved scheme (tokenmill.quant): none | gguf | int8 | int4 | fp8.
     gguf keeps the file's quantized matrices packed; int8/int4/fp8 quantize float weights
     (read in float32) at load. Everything not packed ends in `dtype`.
     tp: this process is one tensor-parallel rank; it reads and holds only its shard
-    (file_bytes then counts the bytes it read)."""
+    (file_bytes then counts the bytes it read).
+    load_format dummy: random weights of the shape `path` names (loader/dummy.py)."""
     load_dtype = torch.float32 if quantization in ("int8", "int4", "fp8") else dtype
-    if path.is_dir():
+    if load_format == "dummy":
+        from tokenmill.loader.dummy import dummy_model_config, dummy_state_dict
+
+        cfg = dummy_model_config(str(path))
+        shard = _shard(cfg, tp)
+        with torch.device("meta"):
+            shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg, tp, shard).named_parameters()}
+        total = len(shapes)
+        tensors = dummy_state_dict(shapes, dtype, device, seed=1 + (tp.rank if tp else 0))
+        reader = None
+    elif path.is_dir():
         from tokenmill.loader.hf_loader import hf_model_config, hf_num_tensors, hf_state_dict
 
         cfg = hf_model_config(path)

@@ -17,7 +17,7 @@ import json
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from tokenmill.bench.bytes import kv_bytes_per_step, weight_bytes_per_step
+from tokenmill.bench.bytes import kv_bytes_per_step
 from tokenmill.engine.llm_engine import LLMEngine
 from tokenmill.server.async_engine import StepRecord
 
@@ -79,7 +79,7 @@ class ServerMetrics:
         peak = measured_peak_gbs()
         self.peak_gbs = gauge("memory_bandwidth_peak_gb_per_s", "Measured STREAM peak (0: not measured).")
         self.peak_gbs.set(peak or 0.0)
-        self._weight_bytes = weight_bytes_per_step(engine.model)
+        self._weight_bytes = engine.step_weight_bytes  # every rank's, under tensor parallelism
         self._kv_bytes_per_token = kv_bytes_per_step(engine.model, 1, engine.dtype, engine.config.kv_cache_dtype)
         self._pool = engine.kv.pool
         self._seen_hits = self._seen_queries = self._seen_preemptions = 0
