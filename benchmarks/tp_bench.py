@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quant_bench import write_big_ggufs  # noqa: E402  (the same ~1B model)
+from quant_bench import write_big_ggufs  # the same ~1B model
 
 CONFIGS = {"bf16 dense": ("float", ["--quantization", "none", "--dtype", "bfloat16"]),
            "gguf packed 4-bit": ("packed", [])}

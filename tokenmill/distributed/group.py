@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tokenmill.distributed.shm import ShmGroup
+
 
 class WorkerDiedError(RuntimeError):
     """A tensor-parallel rank is gone; the engine cannot continue."""
@@ -29,12 +31,18 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
 
 @dataclass(frozen=True)
 class TPGroup:
+    """shm: shared-memory collectives (ranks on one CPU machine, distributed/shm.py); used for
+    every tensor that fits its slots, gloo/NCCL for the rest."""
+
     rank: int
     size: int
     device: torch.device
+    shm: ShmGroup | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over ranks (in place; returns x)."""
+        if self.shm is not None and self.shm.fits(x.numel() * x.element_size()):
+            return self.shm.all_reduce(x)
         _guard(dist.all_reduce, x)
         return x
 
@@ -42,8 +50,11 @@ class TPGroup:
         """Concatenate each rank's x [N, sizes[rank]] along the last dim: [N, sum(sizes)]."""
         width = max(sizes)
         padded = torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()  # [N, width]
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        _guard(dist.all_gather, parts, padded)
+        if self.shm is not None and self.shm.fits(padded.numel() * padded.element_size()):
+            parts = self.shm.all_gather(padded)
+        else:
+            parts = [torch.empty_like(padded) for _ in range(self.size)]
+            _guard(dist.all_gather, parts, padded)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
 
     def all_gather_object(self, obj) -> list:
@@ -54,6 +65,11 @@ class TPGroup:
 
     def broadcast_object(self, obj=None):
         """Rank 0's `obj` on every rank (pickled; the step's batch is a few KB)."""
+        if self.shm is not None:
+            try:
+                return self.shm.broadcast_object(obj)
+            except ValueError:  # larger than a slot (every rank learns so together)
+                pass
         box = [obj]
         _guard(dist.broadcast_object_list, box, src=0)
         return box[0]
@@ -69,13 +85,13 @@ def _guard(fn, *args, **kwargs):
 
 
 def init_group(rank: int, size: int, device: torch.device, master_addr: str | None = None,
-               master_port: int | None = None) -> TPGroup:
+               master_port: int | None = None, shm: ShmGroup | None = None) -> TPGroup:
     """Join the default process group (env:// when addr/port are not given: torchrun sets them)."""
     if master_addr is not None:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
-    return TPGroup(rank, size, device)
+    return TPGroup(rank, size, device, shm)
 
 
 def launched_by_torchrun() -> bool:

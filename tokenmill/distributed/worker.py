@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from tokenmill.config import EngineConfig
 from tokenmill.distributed.group import TPGroup, WorkerDiedError, init_group, launched_by_torchrun
+from tokenmill.distributed.shm import ShmGroup
 
 log = logging.getLogger("tokenmill")
 
@@ -60,9 +61,10 @@ def _threads(config: EngineConfig, size: int) -> None:
 class TPLauncher:
     """Rank 0's handle on the worker processes it spawned: watchdog and orderly shutdown."""
 
-    def __init__(self, procs: list[mp.Process], tp: TPGroup) -> None:
+    def __init__(self, procs: list[mp.Process], tp: TPGroup, segment=None) -> None:
         self.procs = procs  # procs[i] is rank i + 1
         self.tp = tp
+        self.segment = segment  # the shared-memory segment rank 0 created (unlinked at shutdown)
         self.death: str | None = None
         self.died = threading.Event()
         self._listeners: list[Callable[[WorkerDiedError], None]] = []
@@ -105,6 +107,14 @@ class TPLauncher:
                 p.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.segment is not None:
+            if self.tp.shm is not None:
+                self.tp.shm.close()
+            try:
+                self.segment.close()
+            except BufferError:
+                pass
+            self.segment.unlink()
 
 
 def start_tensor_parallel(config: EngineConfig, device: torch.device) -> tuple[TPGroup, TPLauncher | None]:
@@ -124,24 +134,30 @@ def start_tensor_parallel(config: EngineConfig, device: torch.device) -> tuple[T
         _threads(config, int(os.environ.get("LOCAL_WORLD_SIZE", size)))
         return tp, None
     port = _free_port()
+    segment = ShmGroup.create(size) if device.type == "cpu" else None  # CPU ranks: shared-memory collectives
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker_main, args=(config, rank, size, port), name=f"tokenmill-tp{rank}",
-                         daemon=True) for rank in range(1, size)]
+    procs = [ctx.Process(target=worker_main, args=(config, rank, size, port, segment and segment.name),
+                         name=f"tokenmill-tp{rank}", daemon=True) for rank in range(1, size)]
     for p in procs:
         p.start()
     _threads(config, size)
-    tp = init_group(0, size, _rank_device(device, 0), "127.0.0.1", port)
-    return tp, TPLauncher(procs, tp)
+    shm = None
+    if segment is not None:
+        shm = ShmGroup(segment.name, 0, size, peer_alive=lambda: all(p.is_alive() for p in procs))
+    tp = init_group(0, size, _rank_device(device, 0), "127.0.0.1", port, shm)
+    return tp, TPLauncher(procs, tp, segment)
 
 
-def worker_main(config: EngineConfig, rank: int, size: int, port: int) -> None:
+def worker_main(config: EngineConfig, rank: int, size: int, port: int, segment: str | None) -> None:
     """Entry of a spawned rank."""
     from tokenmill.engine.llm_engine import resolve_device
     from tokenmill.logs import setup_logging
 
     setup_logging()
     _threads(config, size)
-    tp = init_group(rank, size, _rank_device(resolve_device(config.device), rank), "127.0.0.1", port)
+    parent = os.getppid()
+    shm = None if segment is None else ShmGroup(segment, rank, size, peer_alive=lambda: os.getppid() == parent)
+    tp = init_group(rank, size, _rank_device(resolve_device(config.device), rank), "127.0.0.1", port, shm)
     run_worker(config, tp)
 
 
@@ -166,3 +182,5 @@ def run_worker(config: EngineConfig, tp: TPGroup) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if tp.shm is not None:
+            tp.shm.close()
