@@ -70,7 +70,7 @@ def test_compiled_decode_matches_eager(llm):
     eager = llm.generate(prompts, params, use_progress=False)
     compiled_llm = LLM(quantization="none", dtype="float32", compile=True, kv_cache_memory_gb=0.05,
                        show_progress=False)
-    assert compiled_llm.engine.runner.compiled_layers is not None
+    assert compiled_llm.engine.runner.compiled_groups is not None
     compiled = compiled_llm.generate(prompts, params, use_progress=False)
     compared = [compare_up_to_near_tie(c.outputs[0].token_ids, e.outputs[0].token_ids, margins(e))
                 for e, c in zip(eager, compiled)]

@@ -50,7 +50,7 @@ class ShmGroup:
         if rank != 0:  # rank 0 created it and unlinks it; attaching must not register it twice
             from multiprocessing import resource_tracker
 
-            resource_tracker.unregister(self._shm._name, "shared_memory")  # noqa: SLF001
+            resource_tracker.unregister(self._shm._name, "shared_memory")
         buf = self._shm.buf
         self._flags = np.ndarray((size, FLAG_STRIDE), dtype=np.int64, buffer=buf)[:, 0]  # view on the segment
         self._data = torch.frombuffer(buf, dtype=torch.uint8, offset=size * FLAG_STRIDE * 8,

@@ -144,8 +144,33 @@ def start_tensor_parallel(config: EngineConfig, device: torch.device) -> tuple[T
     shm = None
     if segment is not None:
         shm = ShmGroup(segment.name, 0, size, peer_alive=lambda: all(p.is_alive() for p in procs))
-    tp = init_group(0, size, _rank_device(device, 0), "127.0.0.1", port, shm)
+    tp = _join_watching(procs, lambda: init_group(0, size, _rank_device(device, 0), "127.0.0.1", port, shm))
     return tp, TPLauncher(procs, tp, segment)
+
+
+def _join_watching(procs: list[mp.Process], join: Callable[[], TPGroup]) -> TPGroup:
+    """Run the rendezvous, failing fast if a worker dies before it joins (a rendezvous would
+    otherwise wait for it as long as the collective timeout)."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["tp"] = join()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="tokenmill-tp-rendezvous", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        dead = [(i + 1, p.exitcode) for i, p in enumerate(procs) if not p.is_alive()]
+        if dead and thread.is_alive():
+            rank, code = dead[0]
+            raise WorkerDiedError(f"tensor-parallel worker rank {rank} exited with status {code} before "
+                                  "joining the group (its log above says why)")
+    if "error" in box:
+        raise box["error"]
+    return box["tp"]
 
 
 def worker_main(config: EngineConfig, rank: int, size: int, port: int, segment: str | None) -> None:

@@ -7,7 +7,7 @@ follow Hugging Face's, so a safetensors checkpoint loads as is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,20 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class LayerGroup(nn.Module):
+    """Consecutive decoder layers as one callable: one region for torch.compile, so its guard
+    and call overhead is paid once per group instead of once per layer."""
+
+    def __init__(self, layers: Sequence[DecoderLayer]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x, cos_sin, kv_caches, meta):
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos_sin, kv_cache, meta)
+        return x
+
+
 class LlamaBody(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
@@ -96,13 +110,20 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                layers: Sequence[nn.Module] | None = None) -> torch.Tensor:
+                groups: Sequence[tuple[Callable, int]] | None = None) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden] (not logits).
-        `layers`: the decoder layers to run instead of model.layers (their compiled versions)."""
+        `groups`: run these instead of model.layers: (f, n) runs the next n layers as
+        f(x, cos_sin, their kv_caches, meta) (a compiled LayerGroup)."""
         x = self._embed(input_ids)  # [T, hidden]
         cos_sin = self.rope.cos_sin(positions)
-        for layer, kv_cache in zip(layers or self.model.layers, kv_caches):
-            x = layer(x, cos_sin, kv_cache, meta)
+        if groups is None:
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                x = layer(x, cos_sin, kv_cache, meta)
+        else:
+            first = 0
+            for group, n in groups:
+                x = group(x, cos_sin, kv_caches[first : first + n], meta)
+                first += n
         return self.model.norm(x)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
