@@ -26,6 +26,10 @@ class FakeEngine:
         self.stats = SimpleNamespace(computed_tokens=0, steps=0)
         self.scheduler = SimpleNamespace(running=[], waiting=[])
         self.kv = SimpleNamespace(usage=0.0)
+        self.fatal_listeners: list = []
+
+    def on_fatal(self, listener) -> None:  # a tensor-parallel worker's death, announced by the engine
+        self.fatal_listeners.append(listener)
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if params.max_tokens == UNLUCKY:
@@ -120,6 +124,30 @@ def test_abort_stops_the_engine_request():
             await asyncio.sleep(0.01)
         assert fake.aborted == ["r0"] and not fake.live
         engine.stop()
+
+    asyncio.run(main())
+
+
+def test_a_dead_worker_announced_while_idle_stops_the_engine_and_calls_on_dead():
+    """A tensor-parallel rank dying between steps: the engine thread stops at once, later
+    submissions fail, and `on_dead` (the server exits on it) gets the error."""
+    from tokenmill.distributed.group import WorkerDiedError
+
+    async def main():
+        fake = FakeEngine()
+        engine = AsyncEngine(fake)
+        dead: list[BaseException] = []
+        engine.on_dead = dead.append
+        engine.start()
+        await _collect(await engine.submit(_requests(2)))
+        fake.fatal_listeners[0](WorkerDiedError("tensor-parallel worker rank 1 was killed by signal 9"))
+        for _ in range(200):
+            if not engine.alive:
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.alive and len(dead) == 1 and isinstance(dead[0], WorkerDiedError)
+        with pytest.raises(EngineDeadError, match="rank 1 was killed"):
+            await engine.submit(_requests(2))
 
     asyncio.run(main())
 

@@ -189,7 +189,8 @@ class AsyncEngine:
         """Queue all `requests` or none: an invalid one raises InvalidRequestError and every
         request of this submission already added is aborted."""
         if not self.alive:
-            raise EngineDeadError("the engine is not running")
+            why = f": {self.error}" if self.error is not None else ""
+            raise EngineDeadError(f"the engine is not running{why}")
         stream = RequestStream(self, requests)
         accepted = asyncio.get_running_loop().create_future()
         self.num_unstarted += len(requests)
