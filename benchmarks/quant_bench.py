@@ -18,7 +18,7 @@ host comes in bursts of seconds to minutes).
 llama.cpp: llama-cpp-python on the same GGUF, 2 threads, the same prompt and output lengths,
 median of its per-token eval time.
 
-    python benchmarks/quant_bench.py [--models smollm2,1b] [--rounds 3] [--json results.json]
+    python benchmarks/quant_bench.py [--models smollm2,1b] [--schemes "gguf packed + compile,int8"] [--rounds 3] [--json results.json]
 """
 
 from __future__ import annotations
@@ -189,10 +189,13 @@ def _file_tensor_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
 
 
-def bench_model(label: str, sources: dict[str, Path], ppl: bool, peak: float, rounds: int) -> list[dict]:
-    """Every scheme (and llama.cpp) once per round, rounds interleaved; each figure keeps its
-    fastest round's median (a shared host's contention comes in bursts of seconds)."""
-    jobs = {scheme: ["scheme", "", json.dumps(kwargs)] for scheme, kwargs in SCHEMES.items()}
+def bench_model(label: str, sources: dict[str, Path], ppl: bool, peak: float, rounds: int,
+                schemes: list[str] | None = None) -> list[dict]:
+    """Every scheme (or those named; "gguf packed" always) and llama.cpp once per round, rounds
+    interleaved; each figure keeps its fastest round's median (a shared host's contention comes
+    in bursts of seconds)."""
+    jobs = {scheme: ["scheme", "", json.dumps(kwargs)] for scheme, kwargs in SCHEMES.items()
+            if schemes is None or scheme in schemes or scheme == "gguf packed"}
     for scheme, job in jobs.items():
         job[1] = str(sources["packed"] if scheme == "gguf packed" or "float" not in sources else sources["float"])
     jobs[LLAMA_CPP] = ["llama_cpp", str(sources["packed"])]
@@ -212,7 +215,8 @@ def bench_model(label: str, sources: dict[str, Path], ppl: bool, peak: float, ro
     if "error" not in cpp:
         # bytes: every tensor of the file once (the tied table is the output matrix) + its f16 KV,
         # which is as large as our bf16 KV
-        cpp["bytes_per_token"] = _file_tensor_bytes(sources["packed"]) + rows[1].get("kv_bytes", 0)
+        packed = next(r for r in rows if r["scheme"] == "gguf packed")
+        cpp["bytes_per_token"] = _file_tensor_bytes(sources["packed"]) + packed.get("kv_bytes", 0)
     for r in rows:
         if "error" not in r:
             r["achieved_gbs"] = r["bytes_per_token"] / (r["decode_ms"] / 1e3) / 1e9
@@ -253,6 +257,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest is kept")
     ap.add_argument("--no-perplexity", action="store_true", help="timings only")
+    ap.add_argument("--schemes", help=f"comma-separated subset of: {', '.join(SCHEMES)} (gguf packed and "
+                    "llama.cpp always run)")
     args = ap.parse_args()
 
     from tokenmill.bench.bandwidth import cached_bandwidth
@@ -261,14 +267,16 @@ def main() -> None:
     bw = cached_bandwidth(refresh=True)
     print(f"measured peak bandwidth: {bw.peak_gbs:.1f} GB/s (copy {bw.copy_gbs:.1f}, triad {bw.triad_gbs:.1f})",
           file=sys.stderr)
+    schemes = args.schemes.split(",") if args.schemes else None
     rows = []
     if "smollm2" in args.models:
         rows += bench_model("SmolLM2-135M", {"packed": default_model_path()}, not args.no_perplexity, bw.peak_gbs,
-                            args.rounds)
+                            args.rounds, schemes)
     if "1b" in args.models:
         args.workdir.mkdir(parents=True, exist_ok=True)
         f16, q41 = write_big_ggufs(args.workdir)
-        rows += bench_model("llama ~1.07B (random)", {"float": f16, "packed": q41}, False, bw.peak_gbs, args.rounds)
+        rows += bench_model("llama ~1.07B (random)", {"float": f16, "packed": q41}, False, bw.peak_gbs, args.rounds,
+                            schemes)
     print(f"peak (STREAM, 2 threads): {bw.peak_gbs:.1f} GB/s\n")
     print(_fmt(rows))
     if args.json:
