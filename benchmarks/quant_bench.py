@@ -197,7 +197,7 @@ def bench_model(label: str, sources: dict[str, Path], ppl: bool, peak: float, ro
     jobs = {scheme: ["scheme", "", json.dumps(kwargs)] for scheme, kwargs in SCHEMES.items()
             if schemes is None or scheme in schemes or scheme == "gguf packed"}
     for scheme, job in jobs.items():
-        job[1] = str(sources["packed"] if scheme == "gguf packed" or "float" not in sources else sources["float"])
+        job[1] = str(sources["packed"] if scheme.startswith("gguf packed") or "float" not in sources else sources["float"])
     jobs[LLAMA_CPP] = ["llama_cpp", str(sources["packed"])]
     best: dict[str, dict] = {}
     for rnd in range(rounds):

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tokenmill.loader.resolve import DEFAULT_MODEL
 from tokenmill.eval.cli import eval_app
+from tokenmill.loader.resolve import DEFAULT_MODEL
 from tokenmill.plan.cli import plan_app
 from tokenmill.server.cli import bench_serve_command, serve_command, usage_command
 
@@ -47,10 +47,9 @@ LOAD_FORMAT = typer.Option("auto", "--load-format", help="auto | dummy (random w
 
 def _user_errors():
     from tokenmill.config import ConfigError
+    from tokenmill.distributed.group import WorkerDiedError
     from tokenmill.loader.resolve import ModelLoadError
     from tokenmill.sampling_params import InvalidRequestError
-
-    from tokenmill.distributed.group import WorkerDiedError
 
     return (ConfigError, ModelLoadError, InvalidRequestError, ValueError, OSError, WorkerDiedError)
 

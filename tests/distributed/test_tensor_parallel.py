@@ -211,3 +211,16 @@ def make_bytes(path: Path) -> list[int]:
     from gguf import GGUFReader
 
     return [int(t.n_bytes) for t in GGUFReader(str(path)).tensors]
+
+
+def test_two_ranks_with_the_compiled_decode_step(llm):
+    """--compile with -tp 2: the collectives run eagerly between compiled pieces (graph breaks),
+    and the tokens are the single-rank eager ones."""
+    tp = _tp_llm("smollm2-135m", 2, compile=True)
+    try:
+        assert tp.engine.runner.compiled_groups is not None
+        ours = tp.generate(PROMPTS[:2], PARAMS, use_progress=False)
+        ref = llm.generate(PROMPTS[:2], PARAMS, use_progress=False)
+        assert _assert_same_greedy(ours, ref) >= 2 * 16
+    finally:
+        tp.engine.shutdown()

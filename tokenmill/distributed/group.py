@@ -39,6 +39,9 @@ class TPGroup:
     device: torch.device
     shm: ShmGroup | None = None
 
+    # the collectives run eagerly inside a compiled decode step (a graph break each): dynamo
+    # cannot trace the shared-memory waits or gloo
+    @torch.compiler.disable
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over ranks (in place; returns x)."""
         if self.shm is not None and self.shm.fits(x.numel() * x.element_size()):
@@ -46,6 +49,7 @@ class TPGroup:
         _guard(dist.all_reduce, x)
         return x
 
+    @torch.compiler.disable
     def all_gather_last(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate each rank's x [N, sizes[rank]] along the last dim: [N, sum(sizes)]."""
         width = max(sizes)

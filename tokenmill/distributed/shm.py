@@ -46,11 +46,9 @@ class ShmGroup:
 
     def __init__(self, name: str, rank: int, size: int, peer_alive: Callable[[], bool]) -> None:
         self.rank, self.size, self.peer_alive = rank, size, peer_alive
+        # attaching registers the name with the resource tracker again; spawned ranks share rank
+        # 0's tracker, whose set holds it once, and rank 0's unlink removes it
         self._shm = shared_memory.SharedMemory(name=name)
-        if rank != 0:  # rank 0 created it and unlinks it; attaching must not register it twice
-            from multiprocessing import resource_tracker
-
-            resource_tracker.unregister(self._shm._name, "shared_memory")
         buf = self._shm.buf
         self._flags = np.ndarray((size, FLAG_STRIDE), dtype=np.int64, buffer=buf)[:, 0]  # view on the segment
         self._data = torch.frombuffer(buf, dtype=torch.uint8, offset=size * FLAG_STRIDE * 8,

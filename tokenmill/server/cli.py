@@ -25,10 +25,9 @@ def _fail(e: Exception) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from tokenmill.config import ConfigError
+    from tokenmill.distributed.group import WorkerDiedError
     from tokenmill.loader.resolve import ModelLoadError
     from tokenmill.sampling_params import InvalidRequestError
-
-    from tokenmill.distributed.group import WorkerDiedError
 
     return (ConfigError, ModelLoadError, InvalidRequestError, ValueError, OSError, WorkerDiedError)
 
