@@ -93,3 +93,20 @@ def test_dummy_weights_from_the_catalog_and_with_two_ranks():
         out = llm.generate(["Hello"], params, use_progress=False)[0].outputs[0]
         assert len(out.token_ids) == 8
         llm.engine.shutdown()
+
+
+def test_dummy_weights_from_a_config_json_quantized_at_load(tmp_path):
+    """A directory holding only config.json (no weights, no tokenizer: the default one is used),
+    quantized to int4 at load, as benchmarks/gpu_bench.py builds its 1B model."""
+    import json
+
+    from tokenmill.llm import LLM
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "max_position_embeddings": 1024, "tie_word_embeddings": True}))
+    llm = LLM(str(tmp_path), load_format="dummy", quantization="int4", kv_cache_memory_gb=0.05, show_progress=False)
+    assert llm.engine.model_config.hidden_size == 256
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=4, ignore_eos=True), use_progress=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
