@@ -1,6 +1,6 @@
 """The GPU check: the CUDA tests and the GPU benchmark in one go (for a machine with a GPU).
 
-    python benchmarks/gpu_bench.py [--json gpu.json] [--skip-tests] [--models 1b,8b] [--compile]
+    python benchmarks/gpu_bench.py [--json gpu.json] [--skip-tests] [--models 1b,8b] [--compile] [--cuda-graphs]
 
 1. `pytest -m gpu` (tests marked gpu: Triton paged decode vs the torch reference, CUDA greedy
    tokens vs the CPU path, compiled vs eager decode, packed kernels; skipped without CUDA).
@@ -8,7 +8,8 @@
 3. Random-weight llama models (`--load-format dummy`): a Llama-3.2-1B-shaped one and the
    planner catalog's llama-3-8b, each in bf16 and packed int4 (group 32): batch-1 decode
    ms/token and achieved GB/s as % of the measured bandwidth, and output tokens/s for 64
-   concurrent requests of 128 prompt + 128 output tokens. `--compile` adds compiled-decode rows.
+   concurrent requests of 128 prompt + 128 output tokens. `--compile` adds compiled-decode rows,
+   `--cuda-graphs` rows replaying captured decode graphs.
 Prints one table and writes JSON. On a machine without CUDA it says so and exits 1.
 """
 
@@ -49,18 +50,20 @@ def measured_bandwidth_gbs(gib: float = 2.0, repeats: int = 10) -> float:
     return 2 * n * 2 / statistics.median(times[2:]) / 1e9
 
 
-def run_model(label: str, model: str, scheme: str, compile_decode: bool, peak: float) -> dict:
+def run_model(label: str, model: str, scheme: str, mode: str, peak: float) -> dict:
+    """mode: eager | compile (--compile) | graphs (--cuda-graphs)."""
     from tokenmill.bench.runs import bench_latency, bench_throughput
     from tokenmill.llm import LLM
 
     t0 = time.perf_counter()
     llm = LLM(model, load_format="dummy", device="cuda", kv_cache_memory_gb=8.0, max_num_seqs=64,
-              max_num_batched_tokens=2048, max_model_len=512, compile=compile_decode, show_progress=False,
+              max_num_batched_tokens=2048, max_model_len=512, compile=mode == "compile",
+              cuda_graphs=mode == "graphs", show_progress=False,
               **SCHEMES[scheme])
     load_s = time.perf_counter() - t0
     lat = bench_latency(llm, 128, 128, repeats=3)
     thr = bench_throughput(llm, 64, 128, 128)
-    row = {"model": label, "scheme": scheme, "compile": compile_decode, "load_s": load_s,
+    row = {"model": label, "scheme": scheme, "mode": mode, "load_s": load_s,
            "decode_ms": lat.decode_ms_per_token, "achieved_gbs": lat.achieved_gbs,
            "pct_of_measured": 100 * lat.achieved_gbs / peak, "bytes_per_token": lat.bytes_per_decode_token,
            "bound_ms": lat.bytes_per_decode_token / (peak * 1e9) * 1e3,
@@ -77,6 +80,7 @@ def main() -> None:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--models", default="1b,8b")
     ap.add_argument("--compile", action="store_true", help="also run each model in bf16 with --compile")
+    ap.add_argument("--cuda-graphs", action="store_true", help="also run each scheme with --cuda-graphs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("error: CUDA is not available on this machine; this script needs a GPU", file=sys.stderr)
@@ -96,17 +100,18 @@ def main() -> None:
     rows = []
     for key in args.models.split(","):
         label, model = models[key]
-        runs = [(s, False) for s in SCHEMES] + ([("bf16", True)] if args.compile else [])
-        for scheme, comp in runs:
+        runs = [(s, "eager") for s in SCHEMES] + ([("bf16", "compile")] if args.compile else [])
+        runs += [(s, "graphs") for s in SCHEMES] if args.cuda_graphs else []
+        for scheme, mode in runs:
             try:
-                row = run_model(label, model, scheme, comp, peak)
+                row = run_model(label, model, scheme, mode, peak)
             except Exception as e:  # noqa: BLE001 - report and go on: one failure must not hide the rest
-                row = {"model": label, "scheme": scheme, "compile": comp, "error": f"{type(e).__name__}: {e}"}
+                row = {"model": label, "scheme": scheme, "mode": mode, "error": f"{type(e).__name__}: {e}"}
             rows.append(row)
             if "error" in row:
-                print(f"{label:20s} {scheme:8s} compile={comp!s:5s} FAILED {row['error']}", flush=True)
+                print(f"{label:20s} {scheme:8s} {mode:7s} FAILED {row['error']}", flush=True)
             else:
-                print(f"{label:20s} {scheme:8s} compile={comp!s:5s} decode {row['decode_ms']:7.2f} ms/token "
+                print(f"{label:20s} {scheme:8s} {mode:7s} decode {row['decode_ms']:7.2f} ms/token "
                       f"(bound {row['bound_ms']:.2f})  {row['achieved_gbs']:6.0f} GB/s = {row['pct_of_measured']:4.0f}% "
                       f"of measured  64x128/128: {row['throughput_64x128']:7.0f} tok/s", flush=True)
     results["runs"] = rows

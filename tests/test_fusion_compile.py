@@ -110,3 +110,11 @@ def test_dummy_weights_from_a_config_json_quantized_at_load(tmp_path):
     assert llm.engine.model_config.hidden_size == 256
     out = llm.generate(["Hello"], SamplingParams(max_tokens=4, ignore_eos=True), use_progress=False)[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_cuda_graphs_without_cuda_is_a_clear_error():
+    from tokenmill.config import ConfigError
+    from tokenmill.llm import LLM
+
+    with pytest.raises(ConfigError, match=r"^cuda_graphs needs one CUDA device .* got device cpu"):
+        LLM(device="cpu", cuda_graphs=True, quantization="none", dtype="float32", show_progress=False)

@@ -41,6 +41,7 @@ DRAFT_MODEL = typer.Option(None, "--draft-model", help="draft model for --specul
 TP = typer.Option(1, "--tensor-parallel-size", "-tp", help="split every layer over N ranks (processes; gloo on "
                   "CPU, NCCL on CUDA); under torchrun, the number of processes it starts")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the decode step (compiles at start-up)")
+CUDA_GRAPHS = typer.Option(False, "--cuda-graphs", help="replay decode steps as CUDA graphs (one CUDA device)")
 LOAD_FORMAT = typer.Option("auto", "--load-format", help="auto | dummy (random weights of the model's shape: "
                            "a catalog id such as llama-3-8b, a config.json directory or a GGUF header)")
 
@@ -105,13 +106,15 @@ def generate(
     speculative_method: str = SPEC_METHOD, speculative_tokens: int = SPEC_TOKENS,
     draft_model: Optional[str] = DRAFT_MODEL,
     tensor_parallel_size: int = TP, compile: bool = COMPILE, load_format: str = LOAD_FORMAT,
+    cuda_graphs: bool = CUDA_GRAPHS,
 ) -> None:
     """Generate a completion for one prompt."""
     try:
         params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos, repetition_penalty)
         llm = _llm(model, device, dtype, kv_cache_memory_gb, quantization, group_size, kv_cache_dtype,
                    speculative=_spec(speculative_method, speculative_tokens, draft_model),
-                   tensor_parallel_size=tensor_parallel_size, compile=compile, load_format=load_format)
+                   tensor_parallel_size=tensor_parallel_size, compile=compile, load_format=load_format,
+                   cuda_graphs=cuda_graphs)
         source: str | dict = prompt
         if chat:
             tok = llm.get_tokenizer()
@@ -186,6 +189,7 @@ def bench_latency_cmd(
     quantization: str = QUANT, group_size: int = GROUP, kv_cache_dtype: str = KV_DTYPE,
     input_len: int = 128, output_len: int = 64, repeats: int = 5,
     tensor_parallel_size: int = TP, compile: bool = COMPILE, load_format: str = LOAD_FORMAT,
+    cuda_graphs: bool = CUDA_GRAPHS,
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
 ) -> None:
@@ -196,7 +200,8 @@ def bench_latency_cmd(
         llm = _llm(model, device, dtype, 0.25, quantization, group_size, kv_cache_dtype,
                    max_num_batched_tokens=max(512, input_len),
                    max_model_len=input_len + output_len + 16,
-                   tensor_parallel_size=tensor_parallel_size, compile=compile, load_format=load_format)
+                   tensor_parallel_size=tensor_parallel_size, compile=compile, load_format=load_format,
+                   cuda_graphs=cuda_graphs)
         _print_result("tokenmill bench latency", as_dict(bench_latency(llm, input_len, output_len, repeats)),
                       json_out, output)
     except _user_errors() as e:
@@ -212,6 +217,7 @@ def bench_throughput_cmd(
     speculative_method: str = SPEC_METHOD, speculative_tokens: int = SPEC_TOKENS,
     draft_model: Optional[str] = DRAFT_MODEL,
     tensor_parallel_size: int = TP, compile: bool = COMPILE, load_format: str = LOAD_FORMAT,
+    cuda_graphs: bool = CUDA_GRAPHS,
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
 ) -> None:
@@ -224,7 +230,8 @@ def bench_throughput_cmd(
                    max_num_seqs=max_num_seqs,
                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=input_len + output_len + 16,
                    speculative=_spec(speculative_method, speculative_tokens, draft_model),
-                   tensor_parallel_size=tensor_parallel_size, compile=compile, load_format=load_format)
+                   tensor_parallel_size=tensor_parallel_size, compile=compile, load_format=load_format,
+                   cuda_graphs=cuda_graphs)
         result = as_dict(bench_throughput(llm, num_requests, input_len, output_len))
         _print_result("tokenmill bench throughput", result | _spec_figures(llm), json_out, output)
     except _user_errors() as e:

@@ -44,6 +44,7 @@ class LLM:
         compile: bool = False,
         tensor_parallel_size: int = 1,
         load_format: str = "auto",
+        cuda_graphs: bool = False,
         show_progress: bool = True,
     ) -> None:
         """`speculative`: a SpecConfig or its fields as a dict, e.g.
@@ -70,6 +71,7 @@ class LLM:
             compile=compile,
             tensor_parallel_size=tensor_parallel_size,
             load_format=load_format,
+            cuda_graphs=cuda_graphs,
         )
         setup_logging()
         self.engine = LLMEngine(config, show_progress=show_progress)

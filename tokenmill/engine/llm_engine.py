@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.bench.bandwidth import machine_signature
-from tokenmill.config import EngineConfig, SchedulerConfig
+from tokenmill.config import ConfigError, EngineConfig, SchedulerConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.distributed.group import TPGroup, WorkerDiedError
@@ -93,8 +93,23 @@ def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch
         most = max_local_kv_heads(loaded.config, tp.size)
         sizing = dc_replace(local, num_kv_heads=most, num_heads=most * (local.num_heads // local.num_kv_heads))
     num_blocks = num_blocks_for(sizing, cache, dtype, kv_dtype)
-    kv_caches = allocate_kv_caches(local, num_blocks, cache.block_size, dtype, device, kv_dtype)
+    graphs = config.cuda_graphs
+    if graphs and (tp is not None or device.type != "cuda" or kv_dtype != "auto"):
+        raise ConfigError("cuda_graphs needs one CUDA device (no tensor parallelism) and an unquantized KV "
+                          f"cache; got device {device}, tensor_parallel_size {config.tensor_parallel_size}, "
+                          f"kv_cache_dtype {kv_dtype}")
+    # with graphs, one extra block that no request owns takes the padding rows' K/V
+    kv_caches = allocate_kv_caches(local, num_blocks + int(graphs), cache.block_size, dtype, device, kv_dtype)
     runner = ModelRunner(loaded.model, kv_caches, cache.block_size, device, config.compile)
+    if graphs:
+        from tokenmill.worker import cuda_graphs
+
+        if not cuda_graphs.usable(device, kv_caches):
+            raise ConfigError("cuda_graphs needs the Triton decode kernel: pip install triton")
+        max_len = min(config.scheduler.max_model_len, loaded.config.max_position_embeddings,
+                      num_blocks * cache.block_size)
+        runner.cuda_graphs = cuda_graphs.CudaGraphDecoder(loaded.model, kv_caches, cache.block_size, max_len,
+                                                          config.scheduler.max_num_seqs, num_blocks, device)
     return Shard(loaded, num_blocks, runner)
 
 

@@ -63,6 +63,7 @@ def serve_command(
                                              help="split every layer over N ranks (gloo on CPU, NCCL on CUDA)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step"),
     load_format: str = typer.Option("auto", "--load-format", help="auto | dummy (random weights, for load tests)"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="replay decode steps as CUDA graphs"),
     shutdown_timeout: float = typer.Option(30.0, help="seconds SIGTERM waits for running requests"),
 ) -> None:
     """Serve the model over the OpenAI HTTP API (completions, chat, streaming, metrics, metering)."""
@@ -84,7 +85,7 @@ def serve_command(
         engine_config = EngineConfig(
             model=model, device=device, dtype=dtype, threads=threads, quantization=quantization,
             quant_group_size=group_size, kv_cache_dtype=kv_cache_dtype, compile=compile,
-            tensor_parallel_size=tensor_parallel_size, load_format=load_format,
+            tensor_parallel_size=tensor_parallel_size, load_format=load_format, cuda_graphs=cuda_graphs,
             cache=CacheConfig(memory_bytes=int(kv_cache_memory_gb * 2**30)),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len),

@@ -72,6 +72,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.compiled_groups: list | None = None  # (compiled LayerGroup, its layer count)
+        self.cuda_graphs = None  # a CudaGraphDecoder (worker/cuda_graphs.py) when enabled
         if compile_decode:
             self._compile_decode()
 
@@ -163,9 +164,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_step(self, step: StepInput) -> torch.Tensor | None:
-        ids, positions, meta = self._tensors(step)
-        groups = self.compiled_groups if not meta.prefills else None
-        hidden = self.model(ids, positions, self.kv_caches, meta, groups)  # [T, hidden]
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(step):
+            hidden = self.cuda_graphs.run(step)  # [T, hidden]: one replay
+        else:
+            ids, positions, meta = self._tensors(step)
+            groups = self.compiled_groups if not meta.prefills else None
+            hidden = self.model(ids, positions, self.kv_caches, meta, groups)  # [T, hidden]
         if not step.logits_idx:
             return None
         return self.model.compute_logits(hidden[torch.tensor(step.logits_idx, device=self.device)])  # [R, V]
