@@ -36,7 +36,7 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] long: KV slot of each new token
     # decodes: token index in the flat batch, block tables padded with 0, context lengths
-    decode_token_idx: torch.Tensor  # [B] long
+    decode_token_idx: torch.Tensor  # [B] long, ascending (all T tokens decodes: arange(T))
     decode_block_tables: torch.Tensor  # [B, max_blocks] long
     decode_ctx_lens: torch.Tensor  # [B] long
     # prefill chunks: (first token index, number of tokens, context length incl. them, blocks)
@@ -75,10 +75,13 @@ def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     t, h, d = q.shape
     hkv = k_cache.shape[2]
     out = torch.empty_like(q)
-    if meta.decode_token_idx.numel():
+    n_decode = meta.decode_token_idx.numel()
+    if n_decode:
         decode = _decode_attention
         if q.is_cuda and not isinstance(k_cache, QuantizedKVPool) and triton_decode.available(q.device):
             decode = triton_decode.paged_decode_attention  # streams the blocks; no gathered copy
+        if n_decode == t and not meta.prefills:  # all decodes, in order (the runner's layout): no scatter
+            return decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale)
         out[meta.decode_token_idx] = decode(
             q[meta.decode_token_idx], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale
         )
