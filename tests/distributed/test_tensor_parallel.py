@@ -224,3 +224,24 @@ def test_two_ranks_with_the_compiled_decode_step(llm):
         assert _assert_same_greedy(ours, ref) >= 2 * 16
     finally:
         tp.engine.shutdown()
+
+
+def test_torchrun_launch_generates_what_one_rank_does(llm):
+    """The README's torchrun path on one node: rank 0 runs `generate`, rank 1 the worker loop;
+    both exit 0 and the text is the single-rank greedy text."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prompt = PROMPTS[0]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "-m", "tokenmill.cli", "generate", prompt, "--max-tokens", "16", "--tensor-parallel-size", "2",
+           "--quantization", "none", "--dtype", "float32", "--device", "cpu", "--kv-cache-memory-gb", "0.1",
+           "--no-stream"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0), use_progress=False)[0]
+    assert ref.outputs[0].text.strip() in proc.stdout, (proc.stdout, ref.outputs[0].text)
