@@ -44,8 +44,11 @@ def segment_bytes(size: int) -> int:
 class ShmGroup:
     """One rank's view of the shared segment `name` (created by rank 0 with `create`)."""
 
-    def __init__(self, name: str, rank: int, size: int, peer_alive: Callable[[], bool]) -> None:
+    def __init__(self, name: str, rank: int, size: int, peer_alive: Callable[[], bool],
+                 created: shared_memory.SharedMemory | None = None) -> None:
+        """created: the segment, on the rank that created it (`close` then unlinks it)."""
         self.rank, self.size, self.peer_alive = rank, size, peer_alive
+        self._created = created
         # attaching registers the name with the resource tracker again; spawned ranks share rank
         # 0's tracker, whose set holds it once, and rank 0's unlink removes it
         self._shm = shared_memory.SharedMemory(name=name)
@@ -119,8 +122,17 @@ class ShmGroup:
         return pickle.loads(parts[0].numpy().tobytes())
 
     def close(self) -> None:
+        """Unmap (and, on the creating rank, unlink) the segment; idempotent."""
         self._flags = self._data = None
-        try:
-            self._shm.close()
-        except BufferError:  # a tensor still views the segment; the mapping goes with the process
-            pass
+        for shm in (self._shm, self._created):
+            if shm is not None:
+                try:
+                    shm.close()
+                except BufferError:  # a tensor still views the segment; the mapping goes with the process
+                    pass
+        if self._created is not None:
+            try:
+                self._created.unlink()
+            except FileNotFoundError:
+                pass
+            self._created = None

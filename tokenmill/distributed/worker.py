@@ -19,6 +19,7 @@ closes, and the engine turns that into WorkerDiedError with the watchdog's messa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -61,10 +62,9 @@ def _threads(config: EngineConfig, size: int) -> None:
 class TPLauncher:
     """Rank 0's handle on the worker processes it spawned: watchdog and orderly shutdown."""
 
-    def __init__(self, procs: list[mp.Process], tp: TPGroup, segment=None) -> None:
+    def __init__(self, procs: list[mp.Process], tp: TPGroup) -> None:
         self.procs = procs  # procs[i] is rank i + 1
         self.tp = tp
-        self.segment = segment  # the shared-memory segment rank 0 created (unlinked at shutdown)
         self.death: str | None = None
         self.died = threading.Event()
         self._listeners: list[Callable[[WorkerDiedError], None]] = []
@@ -107,14 +107,8 @@ class TPLauncher:
                 p.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
-        if self.segment is not None:
-            if self.tp.shm is not None:
-                self.tp.shm.close()
-            try:
-                self.segment.close()
-            except BufferError:
-                pass
-            self.segment.unlink()
+        if self.tp.shm is not None:
+            self.tp.shm.close()  # rank 0 created the segment: this unlinks it
 
 
 def start_tensor_parallel(config: EngineConfig, device: torch.device) -> tuple[TPGroup, TPLauncher | None]:
@@ -128,6 +122,8 @@ def start_tensor_parallel(config: EngineConfig, device: torch.device) -> tuple[T
 
             raise ConfigError(f"--tensor-parallel-size {size} but torchrun started {world} processes")
         tp = init_group(rank, size, _rank_device(device, int(os.environ.get("LOCAL_RANK", rank))))
+        if device.type == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == size:
+            tp = _with_shm(tp)  # every rank on this machine: shared-memory collectives
         if rank != 0:
             run_worker(config, tp)
             sys.exit(0)
@@ -143,9 +139,9 @@ def start_tensor_parallel(config: EngineConfig, device: torch.device) -> tuple[T
     _threads(config, size)
     shm = None
     if segment is not None:
-        shm = ShmGroup(segment.name, 0, size, peer_alive=lambda: all(p.is_alive() for p in procs))
+        shm = ShmGroup(segment.name, 0, size, peer_alive=lambda: all(p.is_alive() for p in procs), created=segment)
     tp = _join_watching(procs, lambda: init_group(0, size, _rank_device(device, 0), "127.0.0.1", port, shm))
-    return tp, TPLauncher(procs, tp, segment)
+    return tp, TPLauncher(procs, tp)
 
 
 def _join_watching(procs: list[mp.Process], join: Callable[[], TPGroup]) -> TPGroup:
@@ -171,6 +167,26 @@ def _join_watching(procs: list[mp.Process], join: Callable[[], TPGroup]) -> TPGr
     if "error" in box:
         raise box["error"]
     return box["tp"]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _with_shm(tp: TPGroup) -> TPGroup:
+    """Ranks torchrun started on one machine: rank 0 creates the segment and tells the others
+    its name (over gloo); a peer counts as dead once its process id is gone."""
+    segment = ShmGroup.create(tp.size) if tp.rank == 0 else None
+    name = tp.broadcast_object(segment.name if segment is not None else None)
+    pids = tp.all_gather_object(os.getpid())
+    shm = ShmGroup(name, tp.rank, tp.size, peer_alive=lambda: all(_pid_alive(p) for p in pids), created=segment)
+    return dataclasses.replace(tp, shm=shm)
 
 
 def worker_main(config: EngineConfig, rank: int, size: int, port: int, segment: str | None) -> None:

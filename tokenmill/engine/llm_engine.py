@@ -181,7 +181,7 @@ class LLMEngine:
         if self.tp is not None:
             atexit.register(self.shutdown)
             log.info("tensor parallel: %d ranks (%s); weight bytes read per rank: %s", self.tp.size,
-                     "gloo" if self.device.type == "cpu" else "nccl",
+                     ("gloo" if self.device.type == "cpu" else "nccl") + (" + shared memory" if self.tp.shm else ""),
                      ", ".join(f"{b / 2**20:.1f} MiB" for b in self.rank_weight_bytes))
         self.tokenizer = _tokenizer(loaded, self.model_path)
         self.num_blocks = shard.num_blocks
@@ -248,6 +248,8 @@ class LLMEngine:
             except WorkerDiedError:
                 pass
             torch.distributed.destroy_process_group()
+            if self.tp.shm is not None:
+                self.tp.shm.close()
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
