@@ -7,17 +7,27 @@ import logging
 import pytest
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.fixture
-def spec_log(caplog):
-    """caplog with tokenmill.spec's INFO records, also once tokenmill's logger stops
-    propagating to the root logger (the library's setup_logging does that)."""
+def spec_log():
+    """tokenmill.spec's INFO records, each once: a handler of our own on that logger, so the
+    count does not depend on whether tokenmill's logger propagates or on where pytest's
+    caplog attaches its handler (pytest >= 9.2 also attaches to non-propagating loggers)."""
     logger = logging.getLogger("tokenmill.spec")
-    attach = not logging.getLogger("tokenmill").propagate
-    if attach:
-        logger.addHandler(caplog.handler)
+    handler = _Records()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
-        with caplog.at_level(logging.INFO, logger="tokenmill.spec"):
-            yield caplog
+        yield handler
     finally:
-        if attach:
-            logger.removeHandler(caplog.handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
