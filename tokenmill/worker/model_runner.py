@@ -89,7 +89,9 @@ class ModelRunner:
         layers = list(self.model.model.layers)
         n = len(layers)
         k = min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - COMPILE_GROUP))
-        self.compiled_groups = [(torch.compile(LayerGroup(layers[i : i + k]), dynamic=True), k)
+        # on CPU the graph's kernels are called from generated C++ (not Python): ~5% per token
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        self.compiled_groups = [(torch.compile(LayerGroup(layers[i : i + k]), dynamic=True, options=options), k)
                                 for i in range(0, n, k)]
         for b in (1, 2):
             with torch.inference_mode():  # as in compute_logits: the guards check it
