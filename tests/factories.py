@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
-from tokenmill.request import Request
+from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -39,3 +40,27 @@ def run_to_completion(scheduler: Scheduler, max_steps: int = 10_000) -> list[Sch
         steps.append(sched)
         scheduler.update(sched, fake_outputs(sched))
     return steps
+
+
+# shared prompt prefixes of the random workloads (prefix-cache hits)
+WORKLOAD_PREFIXES = [[], list(range(50, 58)), list(range(60, 72)), list(range(50, 54))]
+
+
+def run_workload(scheduler: Scheduler, ops: list[tuple[str, int, int, int]], step: Callable[[str], None],
+                 check: Callable[[], None]) -> list[Request]:
+    """Apply hypothesis-drawn ops (op, length, max_tokens, prefix id): "add" a request with that
+    prompt length and prefix (prompts fit a 40-token context), "abort" a live one, anything else
+    is `step(op)`; `check()` after each op. Returns every request added."""
+    live: list[Request] = []
+    for op, length, max_tokens, prefix_id in ops:
+        prefix = WORKLOAD_PREFIXES[prefix_id]
+        if op == "add":
+            r = make_request(prompt_len=max(1, min(length, 30 - len(prefix))), max_tokens=max_tokens, prefix=prefix)
+            scheduler.add_request(r)
+            live.append(r)
+        elif op == "abort" and live:
+            scheduler.finish_request(live[length % len(live)].request_id, RequestStatus.FINISHED_ABORTED)
+        else:
+            step(op)
+        check()
+    return live

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.factories import fake_outputs, make_request, make_scheduler
+from tests.factories import fake_outputs, make_request, make_scheduler, run_workload
 from tokenmill.core.block_pool import BlockPool, NoFreeBlocksError
 from tokenmill.request import RequestStatus
 
@@ -73,24 +73,18 @@ def test_prefix_hit_never_covers_the_whole_prompt():
 )
 def test_random_workloads_never_leak_or_double_free(ops, num_blocks):
     s = make_scheduler(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=24, max_model_len=40)
-    prefixes = [[], list(range(50, 58)), list(range(60, 72)), list(range(50, 54))]
-    live = []
-    for op, length, max_tokens, prefix_id in ops:
-        if op == "add":
-            r = make_request(prompt_len=max(1, min(length, 30 - len(prefixes[prefix_id]))), max_tokens=max_tokens,
-                             prefix=prefixes[prefix_id])
-            s.add_request(r)
-            live.append(r)
-        elif op == "abort" and live:
-            victim = live[length % len(live)]
-            s.finish_request(victim.request_id, RequestStatus.FINISHED_ABORTED)
-        else:
-            sched = s.schedule()
-            s.update(sched, fake_outputs(sched))
+
+    def step(_op: str) -> None:
+        sched = s.schedule()
+        s.update(sched, fake_outputs(sched))
+
+    def check() -> None:
         pool = s.kv.pool
         pool.check_invariants()
         held = sum(len(t) for t in s.kv.block_tables.values())
         assert sum(pool.ref_cnt) == held  # every reference is a block-table entry
+
+    live = run_workload(s, ops, step, check)
     while s.num_unfinished:
         sched = s.schedule()
         assert not sched.is_empty, "scheduler stalled with unfinished requests"

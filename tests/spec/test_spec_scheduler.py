@@ -9,7 +9,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.factories import fake_outputs, make_request, make_scheduler
+from tests.factories import fake_outputs, make_request, make_scheduler, run_workload
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.outputs import ModelRunnerOutput, SchedulerOutput
 from tokenmill.request import RequestStatus
@@ -160,26 +160,13 @@ def test_a_stop_inside_the_accepted_tokens_drops_the_rest():
 def test_random_speculative_workloads_never_leak_or_corrupt(ops, num_blocks, seed):
     rng = random.Random(seed)
     s = make_scheduler(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=24, max_model_len=40)
-    prefixes = [[], list(range(50, 58)), list(range(60, 72)), list(range(50, 54))]
-    live = []
 
     def step(k: int) -> None:
         propose(s, k)
         sched = s.schedule()
         s.update(sched, spec_outputs(sched, rng))
 
-    for op, length, max_tokens, prefix_id in ops:
-        if op == "add":
-            r = make_request(prompt_len=max(1, min(length, 30 - len(prefixes[prefix_id]))), max_tokens=max_tokens,
-                             prefix=prefixes[prefix_id])
-            s.add_request(r)
-            live.append(r)
-        elif op == "abort" and live:
-            victim = live[length % len(live)]
-            s.finish_request(victim.request_id, RequestStatus.FINISHED_ABORTED)
-        else:
-            step(rng.randint(1, 5) if op == "spec" else 0)
-        check_kv(s)
+    live = run_workload(s, ops, lambda op: step(rng.randint(1, 5) if op == "spec" else 0), lambda: check_kv(s))
     while s.num_unfinished:
         step(rng.randint(0, 5))
         check_kv(s)
