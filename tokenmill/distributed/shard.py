@@ -106,4 +106,4 @@ class TPShard:
 def max_local_kv_heads(cfg: ModelConfig, size: int) -> int:
     """KV heads of the rank holding most: every rank sizes its KV pool for it, so all ranks have
     the same number of blocks (one scheduler's block tables serve them all)."""
-    return max(TPShard.plan(cfg, r, size).kv_heads[1] - TPShard.plan(cfg, r, size).kv_heads[0] for r in range(size))
+    return max(end - start for start, end in (TPShard.plan(cfg, r, size).kv_heads for r in range(size)))

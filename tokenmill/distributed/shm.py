@@ -112,7 +112,7 @@ class ShmGroup:
         uses gloo). Length first so that every rank exchanges the same number of bytes."""
         data = pickle.dumps(obj) if self.rank == 0 else b""
         header = torch.tensor([len(data)], dtype=torch.int64)
-        (n,) = (int(t.view(torch.int64)[0]) for t in self._exchange(header.view(torch.uint8))[:1])
+        n = int(self._exchange(header.view(torch.uint8))[0].view(torch.int64)[0])  # rank 0's length
         if not self.fits(n):
             raise ValueError("too large for a slot")
         payload = torch.zeros(n, dtype=torch.uint8)

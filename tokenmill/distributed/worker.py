@@ -28,7 +28,6 @@ import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import wait
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -205,14 +204,10 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, segment: 
 def run_worker(config: EngineConfig, tp: TPGroup) -> None:
     """Load this rank's shard, then run every step rank 0 broadcasts until it sends None (or
     goes away)."""
-    from tokenmill.engine.llm_engine import load_shard, resolve_dtype
-    from tokenmill.loader.resolve import resolve_model
-    from tokenmill.quant import resolve_quantization
+    from tokenmill.engine.llm_engine import load_shard, resolve_weights
 
     torch.manual_seed(config.seed)
-    path = resolve_model(config.model) if config.load_format != "dummy" else Path(config.model)
-    quantization = resolve_quantization(config.quantization, path)
-    dtype = resolve_dtype(config.dtype, tp.device, quantized=quantization != "none")
+    path, quantization, dtype = resolve_weights(config, tp.device)
     try:
         shard = load_shard(config, path, quantization, dtype, tp.device, tp, show_progress=False)
         tp.all_gather_object(shard.weight_bytes())  # rank 0 reports every rank's bytes

@@ -63,6 +63,15 @@ def resolve_dtype(name: str, device: torch.device, quantized: bool = False) -> t
     return _DTYPES[name]
 
 
+def resolve_weights(config: EngineConfig, device: torch.device) -> tuple[Path, str, torch.dtype]:
+    """(model path, weight scheme that runs: none | gguf | int8 ..., compute dtype), the same on
+    every tensor-parallel rank."""
+    path = resolve_model(config.model) if config.load_format != "dummy" else Path(config.model)
+    quantization = resolve_quantization(config.quantization, path)
+    check_quant_device(quantization, device)
+    return path, quantization, resolve_dtype(config.dtype, device, quantized=quantization != "none")
+
+
 @dataclass(frozen=True)
 class Shard:
     """What every rank holds: its (slice of the) model, KV pool and runner."""
@@ -159,10 +168,7 @@ class LLMEngine:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
-        self.model_path = resolve_model(config.model) if config.load_format != "dummy" else Path(config.model)
-        self.quantization = resolve_quantization(config.quantization, self.model_path)  # none, gguf, int8...
-        check_quant_device(self.quantization, self.device)
-        self.dtype = resolve_dtype(config.dtype, self.device, quantized=self.quantization != "none")
+        self.model_path, self.quantization, self.dtype = resolve_weights(config, self.device)
         self.tp, self._tp_launcher = None, None
         if config.tensor_parallel_size > 1:
             from tokenmill.distributed.worker import start_tensor_parallel

@@ -109,19 +109,9 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def dequantize(tensor) -> np.ndarray:
     """A GGUF tensor as float32 numpy [rows, cols] (or [n] for vectors)."""
-    from gguf import quants
-
-    name = tensor.tensor_type.name
-    if name not in SUPPORTED_TYPES:
-        raise ModelLoadError(
-            f"tensor {tensor.name} has type {name}, unsupported; supported: {', '.join(SUPPORTED_TYPES)}"
-        )
+    _check_type(tensor)
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF lists dims fastest first
-    if name == "F32":
-        return np.asarray(tensor.data, dtype=np.float32).reshape(shape)
-    if name == "F16":
-        return np.asarray(tensor.data).astype(np.float32).reshape(shape)
-    return quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+    return _decode(tensor.data, tensor.tensor_type, shape)
 
 
 def _check_type(t) -> None:

@@ -47,10 +47,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progre
 
         cfg = dummy_model_config(str(path))
         shard = _shard(cfg, tp)
-        with torch.device("meta"):
-            shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg, tp, shard).named_parameters()}
-        total = len(shapes)
-        tensors = dummy_state_dict(shapes, dtype, device, seed=1 + (tp.rank if tp else 0))
+        tensors = None  # drawn below, in the shapes of the model built for this rank
         reader = None
     elif path.is_dir():
         from tokenmill.loader.hf_loader import hf_model_config, hf_num_tensors, hf_state_dict
@@ -74,6 +71,10 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, show_progre
     expected = {n for n, _ in model.named_parameters()}
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
+    if tensors is None:  # dummy weights
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in expected}
+        total = len(shapes)
+        tensors = dummy_state_dict(shapes, dtype, device, seed=1 + (tp.rank if tp else 0))
     state: dict[str, torch.Tensor] = {}
     packed: dict[str, GGUFWeight] = {}  # quantized GGUF matrices, still raw blocks
     file_bytes = 0

@@ -99,6 +99,9 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.tp, self.shard = tp, shard
         self.local_config = cfg if shard is None else shard.local_config(cfg)
+        # vocabulary rows of every rank, for gathering the logits (tensor parallelism)
+        self.vocab_sizes = None if tp is None else [
+            end - start for start, end in (TPShard.plan(cfg, r, tp.size).vocab for r in range(tp.size))]
         local = self.local_config
         self.model = LlamaBody(local, tp)
         self.lm_head = nn.Linear(local.hidden_size, local.vocab_size, bias=False)
@@ -140,5 +143,4 @@ class LlamaForCausalLM(nn.Module):
         logits = F.linear(hidden, self.lm_head.weight).float()  # [N, local vocab]
         if self.tp is None:
             return logits
-        sizes = [self.shard.plan(self.config, r, self.tp.size).vocab for r in range(self.tp.size)]
-        return self.tp.all_gather_last(logits, [end - start for start, end in sizes])
+        return self.tp.all_gather_last(logits, self.vocab_sizes)

@@ -48,6 +48,7 @@ class CudaGraphDecoder:
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         b_max = self.buckets[-1]
+        self.scratch_block = scratch_block
         self.pad_slot = scratch_block * block_size
         self.ids = torch.zeros(b_max, dtype=torch.long, device=device)
         self.positions = torch.zeros(b_max, dtype=torch.long, device=device)
@@ -101,12 +102,12 @@ class CudaGraphDecoder:
         self.ctx_lens[:n].copy_(torch.tensor(step.decode_lens, device=dev))
         width = step.table_width
         self.tables[:n, :width].copy_(torch.tensor(step.decode_tables, device=dev).view(n, width))
-        self.tables[:n, width:] = self.pad_slot // self.block_size  # unread: past every ctx_len
+        self.tables[:n, width:] = self.scratch_block  # unread: past every ctx_len
         if b > n:  # padding rows: the scratch slot, one token of context
             self.ids[n:b] = 0
             self.positions[n:b] = 0
             self.slots[n:b] = self.pad_slot
             self.ctx_lens[n:b] = 1
-            self.tables[n:b] = self.pad_slot // self.block_size
+            self.tables[n:b] = self.scratch_block
         self.graphs[b].replay()
         return self.hidden[b][:n]

@@ -43,7 +43,7 @@ from tokenmill.sample.sampler import Sampler, SamplingState
 
 log = logging.getLogger("tokenmill")
 
-MIN_TABLE_WIDTH = 2  # decode block tables are padded to at least this many blocks
+MIN_TABLE_WIDTH = 2  # with a compiled decode step, block tables are padded to at least this many blocks
 COMPILE_GROUP = 6  # decoder layers per compiled region (the divisor of the layer count nearest it)
 
 
@@ -135,7 +135,7 @@ class ModelRunner:
             if r.sample:  # the last token, or the last real token and every draft
                 logits_idx.extend(range(len(token_ids) - 1 - len(r.spec_token_ids), len(token_ids)))
         width = max((len(t) for t in decode_tables), default=0)
-        if decode_tables:  # width 1 would be a shape of its own to the compiler
+        if decode_tables and self.compiled_groups is not None:  # width 1: a shape of its own to the compiler
             width = max(width, MIN_TABLE_WIDTH)
         padded = [t + [0] * (width - len(t)) for t in decode_tables]
         return StepInput(token_ids, positions, slots, decode_idx, padded, width, decode_lens, prefills, logits_idx)
