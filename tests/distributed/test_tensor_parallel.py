@@ -240,8 +240,17 @@ def test_torchrun_launch_generates_what_one_rank_does(llm):
            "-m", "tokenmill.cli", "generate", prompt, "--max-tokens", "16", "--tensor-parallel-size", "2",
            "--quantization", "none", "--dtype", "float32", "--device", "cpu", "--kv-cache-memory-gb", "0.1",
            "--no-stream"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
                           env=os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0), use_progress=False)[0]
     assert ref.outputs[0].text.strip() in proc.stdout, (proc.stdout, ref.outputs[0].text)
+
+
+def test_an_impossible_split_is_refused_before_any_worker_starts():
+    from tokenmill.config import ConfigError
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^tensor_parallel_size=20 exceeds the model's 9 attention heads$"):
+        _tp_llm("smollm2-135m", 20)
+    assert not _spawned_workers(os.getpid()) and time.monotonic() - t0 < 30

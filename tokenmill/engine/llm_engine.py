@@ -22,7 +22,7 @@ from tokenmill.core.scheduler import Scheduler
 from tokenmill.distributed.group import TPGroup, WorkerDiedError
 from tokenmill.distributed.shard import max_local_kv_heads
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
-from tokenmill.loader.model_loader import LoadedModel, load_model
+from tokenmill.loader.model_loader import LoadedModel, load_model, read_model_config
 from tokenmill.loader.resolve import resolve_model
 from tokenmill.loader.tokenizer import Tokenizer, load_tokenizer
 from tokenmill.model.fusion import fuse_projections
@@ -171,8 +171,11 @@ class LLMEngine:
         self.model_path, self.quantization, self.dtype = resolve_weights(config, self.device)
         self.tp, self._tp_launcher = None, None
         if config.tensor_parallel_size > 1:
+            from tokenmill.distributed.shard import TPShard
             from tokenmill.distributed.worker import start_tensor_parallel
 
+            # refuse an impossible split before any worker process starts
+            TPShard.check(read_model_config(self.model_path, config.load_format), config.tensor_parallel_size)
             self.tp, self._tp_launcher = start_tensor_parallel(config, self.device)
         shard = load_shard(config, self.model_path, self.quantization, self.dtype, self.device, self.tp, show_progress)
         loaded, cache, kv_dtype = shard.loaded, config.cache, config.kv_cache_dtype

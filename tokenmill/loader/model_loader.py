@@ -17,6 +17,21 @@ from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.quant.gguf import GGUFWeight
 
 
+def read_model_config(path: Path, load_format: str = "auto") -> ModelConfig:
+    """The architecture of the model at `path` from its header or config.json (no weights read)."""
+    if load_format == "dummy":
+        from tokenmill.loader.dummy import dummy_model_config
+
+        return dummy_model_config(str(path))
+    if path.is_dir():
+        from tokenmill.loader.hf_loader import hf_model_config
+
+        return hf_model_config(path)
+    from tokenmill.loader.gguf_loader import gguf_model_config, open_gguf
+
+    return gguf_model_config(open_gguf(path), path)
+
+
 def _shard(cfg: ModelConfig, tp: TPGroup | None) -> TPShard | None:
     if tp is None:
         return None
