@@ -6,8 +6,9 @@ KV pool of one layer (one for K, one for V):
     cache.view(-1, Hkv, D)[slot_mapping] = k     (write the step's new tokens)
 
 A request's context is gathered through its block table, so its tokens need not be contiguous.
-Runs on any device; numerics: softmax in float32. On CUDA, decodes over plain pools run the
-Triton kernel of triton_decode.py instead (tested against `_decode_attention`).
+Runs on any device; numerics: softmax in float32. Decodes over plain pools run a fused kernel
+instead where one is loaded: Triton on CUDA (triton_decode.py), C++ on the CPU
+(kernels/csrc/decode_attention.cpp); both are tested against `_decode_attention`.
 
 A pool may instead be a QuantizedKVPool (int8/fp8 codes with per-token, per-head scales,
 tokenmill/quant/kv.py): writes quantize, and the gather below dequantizes to the compute dtype;
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention import triton_decode
+from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.quant.kv import QuantizedKVPool
 
 KVPool = torch.Tensor | QuantizedKVPool
@@ -78,8 +80,11 @@ def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     n_decode = meta.decode_token_idx.numel()
     if n_decode:
         decode = _decode_attention
-        if q.is_cuda and not isinstance(k_cache, QuantizedKVPool) and triton_decode.available(q.device):
-            decode = triton_decode.paged_decode_attention  # streams the blocks; no gathered copy
+        if not isinstance(k_cache, QuantizedKVPool) and k_cache.dtype == q.dtype:  # fused kernels stream the
+            if q.is_cuda and triton_decode.available(q.device):                 # blocks: no gathered copy
+                decode = triton_decode.paged_decode_attention
+            elif q.device.type == "cpu" and cpu_kernels.available():
+                decode = cpu_kernels.paged_decode_attention
         if n_decode == t and not meta.prefills:  # all decodes, in order (the runner's layout): no scatter
             return decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale)
         out[meta.decode_token_idx] = decode(

@@ -1,0 +1,1 @@
+"""Compiled kernels: C++ for the CPU (cpu.py), built on the machine that runs them."""

@@ -1,0 +1,86 @@
+"""tokenmill's C++ kernels for the CPU, compiled on this machine on first use.
+
+    csrc/decode_attention.cpp   tokenmill::paged_decode_attention (attention/paged.py's decode path)
+
+Built with torch's extension builder (g++ and ninja; `-O3 -march=native`, so the code is tuned to
+the CPU it runs on) into torch's extension cache (~10 s once; TORCH_EXTENSIONS_DIR moves it) and
+loaded as torch ops, which torch.compile graphs call like any aten op (a fake implementation
+below gives their output shapes). Where no compiler is found, or TOKENMILL_CPU_KERNELS=0, the
+torch reference runs instead; the engine logs which.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tokenmill")
+
+NAME = "tokenmill_cpu_kernels"
+SOURCES = [Path(__file__).parent / "csrc" / "decode_attention.cpp"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+ENV_SWITCH = "TOKENMILL_CPU_KERNELS"  # "0": never build or use them
+
+_loaded: bool | None = None  # None: not tried yet
+
+
+def load() -> bool:
+    """Build (first time on this machine) and load the kernels; whether they can be used.
+    Never raises: a failed build is logged once and the torch reference is used."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    _loaded = False
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("C++ CPU kernels off (%s=0): attention runs the torch reference", ENV_SWITCH)
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None or not cpp_extension.is_ninja_available():
+            missing = f"no C++ compiler {compiler!r}" if shutil.which(compiler) is None else "no ninja (pip install ninja)"
+            log.warning("C++ CPU kernels unavailable (%s); attention runs the torch reference", missing)
+            return False
+        t0 = time.perf_counter()
+        build_dir = Path(cpp_extension._get_build_directory(NAME, verbose=False))
+        if not any(build_dir.glob("*.so")):
+            log.info("building tokenmill's C++ CPU kernels (first use on this machine, ~10 s) in %s", build_dir)
+        cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                           is_python_module=False, verbose=False)
+        _register_fakes()
+        log.debug("C++ CPU kernels loaded in %.1f s", time.perf_counter() - t0)
+        _loaded = True
+    except Exception as e:  # no compiler, no ninja, a failed build: run the reference instead
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        log.warning("C++ CPU kernels unavailable (%s); attention runs the torch reference", first)
+    return _loaded
+
+
+def available() -> bool:
+    """Whether the kernels are loaded (cheap; does not build)."""
+    return bool(_loaded)
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile's tracing, which never runs the C++ code."""
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("tokenmill::paged_decode_attention")
+    def _(q, k_cache, v_cache, block_tables, ctx_lens, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    _register_fakes.done = True
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, D]; caches [blocks, block_size, Hkv, D] (plain tensors, q's dtype); block_tables
+    [B, W] and ctx_lens [B] int64. Returns [B, H, D]; the same math as paged._decode_attention."""
+    return torch.ops.tokenmill.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale)

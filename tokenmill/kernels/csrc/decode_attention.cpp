@@ -1,0 +1,158 @@
+// Paged decode attention on the CPU: the fast path of attention/paged.py's `_decode_attention`.
+//
+// One query token per request attends over that request's first ctx_len cached tokens, which
+// live in the KV pool's fixed-size blocks named by its block table:
+//
+//     cache [num_blocks, block_size, Hkv, D]      token t of request b sits in row
+//           table[b][t / block_size] * block_size + t % block_size
+//
+// The torch reference gathers every block of the padded table into a dense copy, then runs two
+// batched matmuls and a softmax (~10 kernel launches and two copies per layer). Here one call
+// streams the rows once: for each token, one contiguous read of its K row (all KV heads the
+// work item owns), the dot products of all H query heads against it (GQA: head h reads kv head
+// h / G), then a softmax per head, then one pass over the V rows accumulating p * v.
+// Arithmetic is float32, as in the reference; the output is cast to q's dtype.
+//
+// Work items: one request, or (request, slice of KV heads) when there are fewer requests than
+// threads and the context is long, so one long request still uses every core.
+//
+// Schema (registered below; the fake for torch.compile is in kernels/cpu.py):
+//   tokenmill::paged_decode_attention(Tensor q [B, H, D], Tensor k_cache, Tensor v_cache,
+//       Tensor block_tables [B, W] int64, Tensor ctx_lens [B] int64, float scale) -> [B, H, D]
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  // bf16 is the top half of a float32: widen the bits (vectorizes, unlike the scalar cast)
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+struct Shape {
+  int64_t H, Hkv, D, block_size, width;
+};
+
+// Request b, kv heads [kv0, kv1) and their query heads. Buffers are the caller's (per thread).
+template <typename T>
+void attend(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t ctx, T* out,
+            const Shape& s, float scale, int64_t kv0, int64_t kv1, std::vector<float>& qf,
+            std::vector<float>& acc, std::vector<float>& row, std::vector<float>& scores) {
+  const int64_t G = s.H / s.Hkv, D = s.D;
+  const int64_t h0 = kv0 * G, nh = (kv1 - kv0) * G;  // query heads of this item
+  const int64_t row_len = s.Hkv * D, span = (kv1 - kv0) * D;
+  qf.resize(nh * D);
+  acc.assign(nh * D, 0.f);
+  row.resize(span);
+  scores.resize(nh * ctx);
+  to_float(q + h0 * D, qf.data(), nh * D);
+  // scores[h, t] = q_h . k_t * scale
+  for (int64_t t = 0; t < ctx; ++t) {
+    const int64_t slot = table[t / s.block_size] * s.block_size + t % s.block_size;
+    to_float(kc + slot * row_len + kv0 * D, row.data(), span);
+    for (int64_t h = 0; h < nh; ++h) scores[h * ctx + t] = dot(qf.data() + h * D, row.data() + (h / G) * D, D) * scale;
+  }
+  for (int64_t h = 0; h < nh; ++h) {  // softmax over t, per head
+    float* sh = scores.data() + h * ctx;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < ctx; ++t) m = std::max(m, sh[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < ctx; ++t) {
+      sh[t] = std::exp(sh[t] - m);
+      sum += sh[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < ctx; ++t) sh[t] *= inv;
+  }
+  // acc[h] = sum_t p[h, t] * v_t
+  for (int64_t t = 0; t < ctx; ++t) {
+    const int64_t slot = table[t / s.block_size] * s.block_size + t % s.block_size;
+    to_float(vc + slot * row_len + kv0 * D, row.data(), span);
+    for (int64_t h = 0; h < nh; ++h) {
+      const float p = scores[h * ctx + t];
+      const float* v = row.data() + (h / G) * D;
+      float* a = acc.data() + h * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+    }
+  }
+  for (int64_t i = 0; i < nh * D; ++i) out[h0 * D + i] = static_cast<T>(acc[i]);
+}
+
+template <typename T>
+void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens, T* out,
+            int64_t B, const Shape& s, float scale) {
+  int64_t max_ctx = 1;
+  for (int64_t b = 0; b < B; ++b) max_ctx = std::max(max_ctx, lens[b]);
+  const int64_t work = max_ctx * s.H * s.D;  // multiply-adds of one request, per pass
+  const int64_t threads = at::get_num_threads();
+  // split a request's KV heads over threads only when requests are too few and long enough
+  const int64_t splits = (B < threads && work >= (1 << 16)) ? std::min<int64_t>(s.Hkv, threads) : 1;
+  const int64_t items = B * splits;
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, work / splits));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, acc, row, scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / splits, part = item % splits;
+      const int64_t kv0 = s.Hkv * part / splits, kv1 = s.Hkv * (part + 1) / splits;
+      if (lens[b] <= 0 || kv0 == kv1) continue;
+      attend(q + b * s.H * s.D, kc, vc, tables + b * s.width, lens[b], out + b * s.H * s.D, s, scale, kv0, kv1,
+             qf, acc, row, scores);
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& ctx_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [B, H, D] and the caches [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV caches must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the KV caches must have one dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && ctx_lens.scalar_type() == at::kLong,
+              "block tables and context lengths must be int64");
+  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = ctx_lens.contiguous();
+  const int64_t B = q.size(0);
+  const Shape s{q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
+  TORCH_CHECK(s.H % s.Hkv == 0 && k_cache.size(3) == s.D, "query heads must be a multiple of the KV heads");
+  at::Tensor out = at::zeros_like(qc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    decode<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                     tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, s,
+                     static_cast<float>(scale));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tokenmill, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor ctx_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
