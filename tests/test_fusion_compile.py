@@ -118,3 +118,28 @@ def test_cuda_graphs_without_cuda_is_a_clear_error():
 
     with pytest.raises(ConfigError, match=r"^cuda_graphs needs one CUDA device .* got device cpu"):
         LLM(device="cpu", cuda_graphs=True, quantization="none", dtype="float32", show_progress=False)
+
+
+def test_two_compiled_engines_in_one_process(llm):
+    """Compiled groups skip the guards on their modules, so each engine's groups run a forward of
+    their own: a packed and a float32 engine (other module types and shapes) compiled in one
+    process, used in turn, each give its own eager tokens."""
+    from tokenmill.llm import LLM
+
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+    kw = {"kv_cache_memory_gb": 0.05, "show_progress": False}
+    packed_eager = LLM(**kw).generate(prompts, params, use_progress=False)
+    dense_eager = llm.generate(prompts, params, use_progress=False)
+    packed = LLM(compile=True, **kw)
+    dense = LLM(quantization="none", dtype="float32", compile=True, **kw)
+    forwards = {type(g._orig_mod).forward.__code__ for engine in (packed, dense)
+                for g, _ in engine.engine.runner.compiled_groups}
+    assert len(forwards) == 2
+    compared = 0  # steps agreeing before the reference's first near-tie (bf16 has exact ties)
+    for i, prompt in enumerate(prompts):
+        for engine, eager in ((packed, packed_eager), (dense, dense_eager)):
+            got = engine.generate([prompt], params, use_progress=False)[0]
+            compared += compare_up_to_near_tie(got.outputs[0].token_ids, eager[i].outputs[0].token_ids,
+                                               margins(eager[i]))
+    assert compared >= 24, compared

@@ -163,8 +163,9 @@ class EngineConfig:
             raise ConfigError(f"load_format={self.load_format!r}: accepted auto, dummy")
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size}: must be >= 1")
-        if self.tensor_parallel_size > 1 and self.speculative.method in ("draft", "self"):
-            raise ConfigError(f"speculative method {self.speculative.method!r} does not run with "
-                              "tensor_parallel_size > 1; use ngram (or none)")
+        if self.tensor_parallel_size > 1 and self.speculative.method == "self":
+            # the int4 copy would be a copy of rank 0's shard, whose passes need every rank
+            raise ConfigError("speculative method 'self' does not run with tensor_parallel_size > 1; "
+                              "use draft (a whole draft model on rank 0), ngram or none")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r}: accepted auto, cpu, cuda, cuda:N")

@@ -254,3 +254,25 @@ def test_an_impossible_split_is_refused_before_any_worker_starts():
     with pytest.raises(ConfigError, match=r"^tensor_parallel_size=20 exceeds the model's 9 attention heads$"):
         _tp_llm("smollm2-135m", 20)
     assert not _spawned_workers(os.getpid()) and time.monotonic() - t0 < 30
+
+
+def test_draft_model_speculation_with_two_ranks(llm):
+    """A whole draft model on rank 0 proposes; the sharded target verifies on both ranks: the
+    greedy tokens are the single-rank plain ones, and drafts were accepted."""
+    spec = {"method": "draft", "draft_model": "smollm2-135m", "num_speculative_tokens": 3, "adaptive": False}
+    tp = _tp_llm("smollm2-135m", 2, speculative=spec)
+    try:
+        ours = tp.generate(PROMPTS[:2], PARAMS, use_progress=False)
+        ref = llm.generate(PROMPTS[:2], PARAMS, use_progress=False)
+        assert _assert_same_greedy(ours, ref) >= 2 * 16
+        assert tp.engine.stats.spec.num_accepted_tokens > 0
+    finally:
+        tp.engine.shutdown()
+
+
+def test_self_speculation_is_refused_with_two_ranks():
+    from tokenmill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^speculative method 'self' does not run with tensor_parallel_size > 1"):
+        _tp_llm("smollm2-135m", 2, speculative={"method": "self"})
+    assert not _spawned_workers(os.getpid())

@@ -23,8 +23,10 @@ drafts that came with their draft distribution q go through `rejection_sample` i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +77,20 @@ def _structure(module: torch.nn.Module) -> tuple:
     )
 
 
+_private_classes = itertools.count()
+
+
+def _private_group_class() -> type[LayerGroup]:
+    """A LayerGroup subclass whose forward runs under a code object of its own."""
+    f = LayerGroup.forward
+    n = next(_private_classes)
+    names = {"co_name": f"forward_{n}"} | ({"co_qualname": f"LayerGroup.forward_{n}"}
+                                           if hasattr(f.__code__, "co_qualname") else {})  # 3.11+
+    code = f.__code__.replace(**names)
+    forward = types.FunctionType(code, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return type("LayerGroup", (LayerGroup,), {"forward": forward, "__module__": LayerGroup.__module__})
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  block_size: int, device: torch.device, compile_decode: bool = False) -> None:
@@ -108,13 +124,23 @@ class ModelRunner:
         options = {}
         if self.device.type == "cpu":  # the graph's kernels are called from generated C++ (not Python): ~5% per token
             options["cpp_wrapper"] = True
-        if len({_structure(g) for g in groups}) == 1:
+        alike = len({_structure(g) for g in groups}) == 1
+        private = alike and self.tp is None and self.device.type == "cpu"
+        if private:
             # every group is built alike (module types, tensor shapes and dtypes, scalar settings), so
             # the ~1000 guards dynamo puts on their attributes can only ever pass: checking them cost
             # ~60 of the ~90 us each group call spent in guards. Inputs (activations, KV caches,
-            # metadata) stay guarded. A model whose layers differ (mixed GGUF types) keeps them all.
+            # metadata) stay guarded. Safe only if no other module can reach these graphs: the groups
+            # get a forward of their own (dynamo keeps graphs per code object) and the graph must be
+            # whole (fullgraph: a graph break would compile shared layer code without those guards).
+            # Not under tensor parallelism (its collectives run between graphs) nor for a model whose
+            # layers differ (mixed GGUF types): those keep every guard.
+            cls = _private_group_class()
+            for g in groups:
+                g.__class__ = cls
             options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-        self.compiled_groups = [(torch.compile(g, dynamic=True, options=options or None), k) for g in groups]
+        self.compiled_groups = [(torch.compile(g, dynamic=True, fullgraph=private, options=options or None), k)
+                                for g in groups]
         # float settings (RMSNorm eps, the attention scale) become constants of the graph instead
         # of 0-d tensor inputs rebuilt on every call (~30 us per group call)
         with torch._dynamo.config.patch(specialize_float=True):
