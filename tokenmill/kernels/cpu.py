@@ -42,6 +42,7 @@ def load() -> bool:
     try:
         from torch.utils import cpp_extension
 
+        _put_pip_ninja_on_path()
         compiler = os.environ.get("CXX", "c++")
         if shutil.which(compiler) is None or not cpp_extension.is_ninja_available():
             missing = f"no C++ compiler {compiler!r}" if shutil.which(compiler) is None else "no ninja (pip install ninja)"
@@ -60,6 +61,18 @@ def load() -> bool:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         log.warning("C++ CPU kernels unavailable (%s); attention runs the torch reference", first)
     return _loaded
+
+
+def _put_pip_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; pip puts the one tokenmill depends on next to the
+    interpreter's scripts, which need not be on PATH (a --user install, an unactivated venv)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join(filter(None, [ninja.BIN_DIR, os.environ.get("PATH")]))
 
 
 def available() -> bool:
