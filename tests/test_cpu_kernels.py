@@ -82,12 +82,13 @@ def test_bad_input_is_a_clear_error():
 
 @pytest.mark.parametrize("env", [{"TOKENMILL_CPU_KERNELS": "0"}, {"CXX": "/nonexistent/g++"}])
 def test_falls_back_to_the_reference(env, tmp_path):
-    """Switched off, or no working compiler (fresh extension dir): load() says no, logs one line,
-    and attention still runs (the reference)."""
+    """Switched off, or no working compiler (fresh extension dir): load() says no and logs one
+    line, no traceback; paged_attention then takes the reference path (available() is False)."""
     code = ("import logging; from tokenmill.logs import setup_logging; setup_logging();"
             "from tokenmill.kernels import cpu; print('LOADED', cpu.load())")
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), **env)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     assert "LOADED False" in proc.stdout
     assert "C++ CPU kernels" in proc.stderr and "Traceback" not in proc.stderr

@@ -3,16 +3,18 @@
     csrc/decode_attention.cpp   tokenmill::paged_decode_attention (attention/paged.py's decode path)
 
 Built with torch's extension builder (g++ and ninja; `-O3 -march=native`, so the code is tuned to
-the CPU it runs on) into torch's extension cache (~10 s once; TORCH_EXTENSIONS_DIR moves it) and
-loaded as torch ops, which torch.compile graphs call like any aten op (a fake implementation
-below gives their output shapes). Where no compiler is found, or TOKENMILL_CPU_KERNELS=0, the
+the CPU it runs on; one build per kind of CPU) into torch's extension cache (~10 s once;
+TORCH_EXTENSIONS_DIR moves it) and loaded as torch ops, which torch.compile graphs call like any
+aten op (a fake implementation below gives their output shapes). Where no compiler is found, or TOKENMILL_CPU_KERNELS=0, the
 torch reference runs instead; the engine logs which.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +23,22 @@ import torch
 
 log = logging.getLogger("tokenmill")
 
-NAME = "tokenmill_cpu_kernels"
+
+def _isa_tag() -> str:
+    """Short hash of this CPU's instruction-set flags: `-march=native` code built on one CPU may
+    not run on another, so a shared extension directory keeps one build per kind of CPU."""
+    flags = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
+
+
+NAME = f"tokenmill_cpu_kernels_{_isa_tag()}"
 SOURCES = [Path(__file__).parent / "csrc" / "decode_attention.cpp"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 ENV_SWITCH = "TOKENMILL_CPU_KERNELS"  # "0": never build or use them
@@ -57,7 +74,7 @@ def load() -> bool:
         _register_fakes()
         log.debug("C++ CPU kernels loaded in %.1f s", time.perf_counter() - t0)
         _loaded = True
-    except Exception as e:  # no compiler, no ninja, a failed build: run the reference instead
+    except Exception as e:  # noqa: BLE001 -- any failed build: run the reference instead
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         log.warning("C++ CPU kernels unavailable (%s); attention runs the torch reference", first)
     return _loaded
