@@ -276,3 +276,21 @@ def test_self_speculation_is_refused_with_two_ranks():
     with pytest.raises(ConfigError, match=r"^speculative method 'self' does not run with tensor_parallel_size > 1"):
         _tp_llm("smollm2-135m", 2, speculative={"method": "self"})
     assert not _spawned_workers(os.getpid())
+
+
+def test_perplexity_with_two_ranks(llm):
+    """eval perplexity under tensor parallelism: each window is a step of the engine's runner on
+    both ranks (logits gathered); the result is the single-rank one."""
+    from tokenmill.eval.perplexity import perplexity
+
+    text = (ROOT / "tests" / "quant" / "data" / "declaration_of_independence.txt").read_text()
+    ids = llm.get_tokenizer().encode(text)[:300]
+    one = perplexity(llm.engine, ids, window=128, stride=64)
+    tp = _tp_llm("smollm2-135m", 2, num_kv_blocks=8)
+    try:
+        two = perplexity(tp.engine, ids, window=128, stride=64)
+        assert two.scored == one.scored == 299
+        assert abs(two.nll - one.nll) < 1e-3 * one.nll, (two.nll, one.nll)
+        assert tp.engine.kv.pool.num_free == 8  # the borrowed blocks went back
+    finally:
+        tp.engine.shutdown()

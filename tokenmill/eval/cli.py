@@ -25,14 +25,21 @@ def perplexity_cmd(
     kv_cache_dtype: str = typer.Option("auto", help="auto | int8 | fp8"),
     window: int = typer.Option(WINDOW, help="tokens per window (one prefill each)"),
     stride: int = typer.Option(STRIDE, help="tokens the window advances; each scored token sees >= window - stride"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp",
+                                             help="split the model over N ranks (README: Tensor parallelism)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Perplexity of TEXT under the model, over sliding windows (tokenmill/eval/perplexity.py)."""
     from tokenmill.cli import _fail, _llm, _print_result, _user_errors
+    from tokenmill.config import CacheConfig
     from tokenmill.eval.perplexity import perplexity
 
     try:
-        llm = _llm(model, device, dtype, 0.05, quantization, group_size, kv_cache_dtype, num_kv_blocks=1)
+        # one rank keeps the window's KV in a pool of its own (eval/perplexity.py); several ranks run
+        # it through the engine's runner, whose pool must then hold one window
+        blocks = 1 if tensor_parallel_size == 1 else -(-window // CacheConfig.block_size)
+        llm = _llm(model, device, dtype, 0.05, quantization, group_size, kv_cache_dtype, num_kv_blocks=blocks,
+                   tensor_parallel_size=tensor_parallel_size)
         ids = llm.get_tokenizer().encode(text.read_text(encoding="utf-8"))
         result = asdict(perplexity(llm.engine, ids, window, stride))
     except _user_errors() as e:

@@ -15,7 +15,9 @@ the first window sees at least W - S tokens of context. N - 1 tokens are scored 
     perplexity = exp(nll)
 
 K and V go through a fresh pool of the engine's KV dtype, so KV-cache quantization is measured
-too. Defaults: W = 512, S = 256.
+too. Under tensor parallelism the window runs as one step of the engine's runner on every rank
+instead (blocks of the engine's own pool, logits at every scored position gathered from the
+ranks), so the KV dtype is the engine's. Defaults: W = 512, S = 256.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.attention.paged import AttentionMetadata
+from tokenmill.config import ConfigError
 from tokenmill.worker.kv_cache import allocate_kv_caches
 
 WINDOW = 512
@@ -76,6 +79,26 @@ def window_nll(model, ids: list[int], first_scored: int, kv_cache_dtype: str = "
     return float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum")), len(ids) - start
 
 
+def window_nll_tp(engine, ids: list[int], first_scored: int) -> tuple[float, int]:
+    """window_nll for a tensor-parallel engine: one prefill step of ids broadcast to every rank,
+    in blocks borrowed from the engine's pool (returned after)."""
+    from tokenmill.worker.model_runner import StepInput
+
+    n, bs = len(ids), engine.config.cache.block_size
+    start = max(first_scored, 1)
+    blocks = engine.kv.pool.allocate(-(-n // bs))
+    try:
+        step = StepInput(token_ids=list(ids), positions=list(range(n)),
+                         slots=[blocks[p // bs] * bs + p % bs for p in range(n)], decode_idx=[],
+                         decode_tables=[], table_width=0, decode_lens=[], prefills=[(0, n, n, blocks)],
+                         logits_idx=list(range(start - 1, n - 1)))
+        logits = engine.runner.run_broadcast(step)  # [n - start, V] float32
+    finally:
+        engine.kv.pool.free(reversed(blocks))
+    targets = torch.tensor(ids[start:], device=logits.device)
+    return float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum")), n - start
+
+
 def perplexity(engine, ids: list[int], window: int = WINDOW, stride: int = STRIDE,
                kv_cache_dtype: str | None = None) -> PerplexityResult:
     """Perplexity of token ids under the engine's model (weights and dtype as loaded; the KV
@@ -86,11 +109,17 @@ def perplexity(engine, ids: list[int], window: int = WINDOW, stride: int = STRID
         raise ValueError("the text has fewer than 2 tokens: nothing to score")
     window = min(window, engine.model_config.max_position_embeddings)
     kv = kv_cache_dtype or engine.config.kv_cache_dtype
+    if engine.tp is not None and kv != engine.config.kv_cache_dtype:
+        raise ConfigError(f"under tensor parallelism perplexity uses the engine's KV cache dtype "
+                          f"({engine.config.kv_cache_dtype}), not {kv}")
     t0 = time.perf_counter()
     total, count, scored_to = 0.0, 0, 0  # scored_to: tokens before it are scored
     for begin in range(0, len(ids), stride):
         end = min(begin + window, len(ids))
-        s, c = window_nll(engine.model, ids[begin:end], scored_to - begin, kv)
+        if engine.tp is None:
+            s, c = window_nll(engine.model, ids[begin:end], scored_to - begin, kv)
+        else:
+            s, c = window_nll_tp(engine, ids[begin:end], scored_to - begin)
         total, count, scored_to = total + s, count + c, end
         if end == len(ids):
             break

@@ -210,7 +210,11 @@ class ModelRunner:
         (one per sampling request, 1 + k for a request with k drafts), or None if none samples.
         Under tensor parallelism this is rank 0's half of the step: it first broadcasts the
         step's batch, which the other ranks run in `run_step` (distributed/worker.py)."""
-        step = self._plan(sched)
+        return self.run_broadcast(self._plan(sched))
+
+    @torch.inference_mode()
+    def run_broadcast(self, step: StepInput) -> torch.Tensor | None:
+        """`run_step` on every rank: under tensor parallelism rank 0 first broadcasts the step."""
         if self.tp is not None:
             self.tp.broadcast_object(step)
         return self.run_step(step)
