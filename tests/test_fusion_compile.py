@@ -143,3 +143,24 @@ def test_two_compiled_engines_in_one_process(llm):
             compared += compare_up_to_near_tie(got.outputs[0].token_ids, eager[i].outputs[0].token_ids,
                                                margins(eager[i]))
     assert compared >= 24, compared
+
+
+def test_a_graph_break_falls_back_to_guarded_groups(monkeypatch, llm):
+    """Guard-free groups must compile as whole graphs; a layer that breaks the graph gets the
+    guarded, breakable compile instead of failing to start, and the same tokens."""
+    from tokenmill.llm import LLM
+    from tokenmill.model import llama
+
+    forward = llama.DecoderLayer.forward
+
+    def breaking(self, *args):
+        torch._dynamo.graph_break()
+        return forward(self, *args)
+
+    monkeypatch.setattr(llama.DecoderLayer, "forward", breaking)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    compiled = LLM(quantization="none", dtype="float32", compile=True, kv_cache_memory_gb=0.05, show_progress=False)
+    assert all(type(g._orig_mod) is llama.LayerGroup for g, _ in compiled.engine.runner.compiled_groups)
+    got = compiled.generate(["The capital of France is"], params, use_progress=False)[0]
+    ref = llm.generate(["The capital of France is"], params, use_progress=False)[0]
+    assert compare_up_to_near_tie(got.outputs[0].token_ids, ref.outputs[0].token_ids, margins(ref)) >= 8

@@ -121,23 +121,32 @@ class ModelRunner:
         n = len(layers)
         k = min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - COMPILE_GROUP))
         groups = [LayerGroup(layers[i : i + k]) for i in range(0, n, k)]
+        # every group built alike (module types, tensor shapes and dtypes, scalar settings), one device
+        private = self.tp is None and self.device.type == "cpu" and len({_structure(g) for g in groups}) == 1
+        try:
+            self._compile_groups(groups, k, private)
+        except torch._dynamo.exc.Unsupported as e:  # a graph break: compile the guarded, breakable way
+            if not private:
+                raise
+            log.info("decode step compiled with every guard (%s)", str(e).splitlines()[0][:120])
+            self._compile_groups(groups, k, False)
+        log.info("compiled the decode step (%d groups of %d layers) in %.1f s", n // k, k, time.perf_counter() - t0)
+
+    def _compile_groups(self, groups: list[LayerGroup], k: int, private: bool) -> None:
+        """private: the groups skip dynamo's ~1000 guards on their module attributes, which for
+        groups built alike can only ever pass (checking them cost ~60 of the ~90 us each group call
+        spent in guards; inputs — activations, KV caches, metadata — stay guarded). Safe only if no
+        other module reaches these graphs: the groups get a forward of their own (dynamo keeps
+        graphs per code object) and each graph must be whole (fullgraph: a graph break would
+        compile shared layer code without those guards). Under tensor parallelism (collectives run
+        between graphs) and for layers that differ (mixed GGUF types) every guard stays."""
         options = {}
         if self.device.type == "cpu":  # the graph's kernels are called from generated C++ (not Python): ~5% per token
             options["cpp_wrapper"] = True
-        alike = len({_structure(g) for g in groups}) == 1
-        private = alike and self.tp is None and self.device.type == "cpu"
+        cls = _private_group_class() if private else LayerGroup
+        for g in groups:
+            g.__class__ = cls
         if private:
-            # every group is built alike (module types, tensor shapes and dtypes, scalar settings), so
-            # the ~1000 guards dynamo puts on their attributes can only ever pass: checking them cost
-            # ~60 of the ~90 us each group call spent in guards. Inputs (activations, KV caches,
-            # metadata) stay guarded. Safe only if no other module can reach these graphs: the groups
-            # get a forward of their own (dynamo keeps graphs per code object) and the graph must be
-            # whole (fullgraph: a graph break would compile shared layer code without those guards).
-            # Not under tensor parallelism (its collectives run between graphs) nor for a model whose
-            # layers differ (mixed GGUF types): those keep every guard.
-            cls = _private_group_class()
-            for g in groups:
-                g.__class__ = cls
             options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
         self.compiled_groups = [(torch.compile(g, dynamic=True, fullgraph=private, options=options or None), k)
                                 for g in groups]
@@ -147,7 +156,6 @@ class ModelRunner:
             for b in (1, 2):
                 with torch.inference_mode():  # as in compute_logits: the guards check it
                     self._dummy_decode(b)
-        log.info("compiled the decode step (%d groups of %d layers) in %.1f s", n // k, k, time.perf_counter() - t0)
 
     def _dummy_decode(self, b: int) -> None:
         dev = self.device
