@@ -139,6 +139,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t B = q.size(0);
   const Shape s{q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
   TORCH_CHECK(s.H % s.Hkv == 0 && k_cache.size(3) == s.D, "query heads must be a multiple of the KV heads");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && lens.numel() == B, "one block table and length per query");
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] <= s.width * s.block_size, "context length ", lp[b], " exceeds the block table (",
+                s.width, " blocks of ", s.block_size, ")");
   at::Tensor out = at::zeros_like(qc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     decode<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
