@@ -78,6 +78,8 @@ def test_bad_input_is_a_clear_error():
         cpu.paged_decode_attention(q, k.half(), v.half(), tables, ctx, 0.125)
     with pytest.raises(RuntimeError, match="int64"):
         cpu.paged_decode_attention(q, k, v, tables.int(), ctx, 0.125)
+    with pytest.raises(RuntimeError, match="one block table and length per query"):
+        cpu.paged_decode_attention(q, k, v, tables[0], ctx, 0.125)
     with pytest.raises(RuntimeError, match="exceeds the block table"):
         cpu.paged_decode_attention(q, k, v, tables[:, :1], ctx + 16, 0.125)
 

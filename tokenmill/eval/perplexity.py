@@ -74,7 +74,11 @@ def window_nll(model, ids: list[int], first_scored: int, kv_cache_dtype: str = "
     Returns (sum, count)."""
     hidden = prefill_hidden(model, ids, kv_cache_dtype)  # [n, hidden]
     start = max(first_scored, 1)
-    logits = model.compute_logits(hidden[start - 1 : -1])  # [n - start, V] float32
+    return _nll_sum(model.compute_logits(hidden[start - 1 : -1]), ids, start)
+
+
+def _nll_sum(logits: torch.Tensor, ids: list[int], start: int) -> tuple[float, int]:
+    """logits [n - start, V] float32 predicting ids[start:] -> (sum of -log p, count)."""
     targets = torch.tensor(ids[start:], device=logits.device)
     return float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum")), len(ids) - start
 
@@ -95,8 +99,7 @@ def window_nll_tp(engine, ids: list[int], first_scored: int) -> tuple[float, int
         logits = engine.runner.run_broadcast(step)  # [n - start, V] float32
     finally:
         engine.kv.pool.free(reversed(blocks))
-    targets = torch.tensor(ids[start:], device=logits.device)
-    return float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum")), n - start
+    return _nll_sum(logits, ids, start)
 
 
 def perplexity(engine, ids: list[int], window: int = WINDOW, stride: int = STRIDE,

@@ -61,10 +61,10 @@ def load() -> bool:
 
         _put_pip_ninja_on_path()
         compiler = os.environ.get("CXX", "c++")
-        if shutil.which(compiler) is None or not cpp_extension.is_ninja_available():
-            missing = f"no C++ compiler {compiler!r}" if shutil.which(compiler) is None else "no ninja (pip install ninja)"
-            log.warning("C++ CPU kernels unavailable (%s); attention runs the torch reference", missing)
-            return False
+        if shutil.which(compiler) is None:
+            return _unavailable(f"no C++ compiler {compiler!r}")
+        if not cpp_extension.is_ninja_available():
+            return _unavailable("no ninja (pip install ninja)")
         t0 = time.perf_counter()
         build_dir = Path(cpp_extension._get_build_directory(NAME, verbose=False))
         if not any(build_dir.glob("*.so")):
@@ -75,9 +75,13 @@ def load() -> bool:
         log.debug("C++ CPU kernels loaded in %.1f s", time.perf_counter() - t0)
         _loaded = True
     except Exception as e:  # noqa: BLE001 -- any failed build: run the reference instead
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        log.warning("C++ CPU kernels unavailable (%s); attention runs the torch reference", first)
-    return _loaded
+        return _unavailable(str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__)
+    return True
+
+
+def _unavailable(why: str) -> bool:
+    log.warning("C++ CPU kernels unavailable (%s); attention runs the torch reference", why)
+    return False
 
 
 def _put_pip_ninja_on_path() -> None:
@@ -98,15 +102,12 @@ def available() -> bool:
 
 
 def _register_fakes() -> None:
-    """Output shapes for torch.compile's tracing, which never runs the C++ code."""
-    if getattr(_register_fakes, "done", False):
-        return
+    """Output shapes for torch.compile's tracing, which never runs the C++ code (once: load()
+    runs once per process)."""
 
     @torch.library.register_fake("tokenmill::paged_decode_attention")
     def _(q, k_cache, v_cache, block_tables, ctx_lens, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    _register_fakes.done = True
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

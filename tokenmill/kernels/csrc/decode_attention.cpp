@@ -70,10 +70,10 @@ void attend(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t 
   row.resize(span);
   scores.resize(nh * ctx);
   to_float(q + h0 * D, qf.data(), nh * D);
+  auto slot = [&](int64_t t) { return table[t / s.block_size] * s.block_size + t % s.block_size; };
   // scores[h, t] = q_h . k_t * scale
   for (int64_t t = 0; t < ctx; ++t) {
-    const int64_t slot = table[t / s.block_size] * s.block_size + t % s.block_size;
-    to_float(kc + slot * row_len + kv0 * D, row.data(), span);
+    to_float(kc + slot(t) * row_len + kv0 * D, row.data(), span);
     for (int64_t h = 0; h < nh; ++h) scores[h * ctx + t] = dot(qf.data() + h * D, row.data() + (h / G) * D, D) * scale;
   }
   for (int64_t h = 0; h < nh; ++h) {  // softmax over t, per head
@@ -91,8 +91,7 @@ void attend(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t 
   }
   // acc[h] = sum_t p[h, t] * v_t
   for (int64_t t = 0; t < ctx; ++t) {
-    const int64_t slot = table[t / s.block_size] * s.block_size + t % s.block_size;
-    to_float(vc + slot * row_len + kv0 * D, row.data(), span);
+    to_float(vc + slot(t) * row_len + kv0 * D, row.data(), span);
     for (int64_t h = 0; h < nh; ++h) {
       const float p = scores[h * ctx + t];
       const float* v = row.data() + (h / G) * D;
@@ -106,9 +105,7 @@ void attend(const T* q, const T* kc, const T* vc, const int64_t* table, int64_t 
 
 template <typename T>
 void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens, T* out,
-            int64_t B, const Shape& s, float scale) {
-  int64_t max_ctx = 1;
-  for (int64_t b = 0; b < B; ++b) max_ctx = std::max(max_ctx, lens[b]);
+            int64_t B, int64_t max_ctx, const Shape& s, float scale) {
   const int64_t work = max_ctx * s.H * s.D;  // multiply-adds of one request, per pass
   const int64_t threads = at::get_num_threads();
   // split a request's KV heads over threads only when requests are too few and long enough
@@ -135,19 +132,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
               "q and the KV caches must have one dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && ctx_lens.scalar_type() == at::kLong,
               "block tables and context lengths must be int64");
-  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = ctx_lens.contiguous();
   const int64_t B = q.size(0);
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && ctx_lens.numel() == B,
+              "one block table and length per query");
+  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = ctx_lens.contiguous();
   const Shape s{q.size(1), k_cache.size(2), q.size(2), k_cache.size(1), tables.size(1)};
   TORCH_CHECK(s.H % s.Hkv == 0 && k_cache.size(3) == s.D, "query heads must be a multiple of the KV heads");
-  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == B && lens.numel() == B, "one block table and length per query");
   const int64_t* lp = lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
+  int64_t max_ctx = 1;
+  for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lp[b] <= s.width * s.block_size, "context length ", lp[b], " exceeds the block table (",
                 s.width, " blocks of ", s.block_size, ")");
+    max_ctx = std::max(max_ctx, lp[b]);
+  }
   at::Tensor out = at::zeros_like(qc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     decode<scalar_t>(qc.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                     tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, s,
+                     tables.data_ptr<int64_t>(), lp, out.data_ptr<scalar_t>(), B, max_ctx, s,
                      static_cast<float>(scale));
   });
   return out;
