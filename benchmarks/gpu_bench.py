@@ -1,16 +1,21 @@
 """The GPU check: the CUDA tests and the GPU benchmark in one go (for a machine with a GPU).
 
-    python benchmarks/gpu_bench.py [--json gpu.json] [--skip-tests] [--models 1b,8b] [--compile] [--cuda-graphs]
+    python benchmarks/gpu_bench.py [--json gpu.json] [--skip-tests] [--models 1b,8b]
+                                   [--modes eager,graphs,compile,compile+graphs]
+                                   [--int4-kernels tinygemm,triton] [--profile]
 
 1. `pytest -m gpu` (tests marked gpu: Triton paged decode vs the torch reference, CUDA greedy
-   tokens vs the CPU path, compiled vs eager decode, packed kernels; skipped without CUDA).
+   tokens vs the CPU path, compiled and graph-replayed vs eager decode, packed kernels).
 2. The card's measured bandwidth: a device-to-device copy of 2 GiB (bytes read + written / s).
 3. Random-weight llama models (`--load-format dummy`): a Llama-3.2-1B-shaped one and the
-   planner catalog's llama-3-8b, each in bf16 and packed int4 (group 32): batch-1 decode
-   ms/token and achieved GB/s as % of the measured bandwidth, and output tokens/s for 64
-   concurrent requests of 128 prompt + 128 output tokens. `--compile` adds compiled-decode rows,
-   `--cuda-graphs` rows replaying captured decode graphs.
-Prints one table and writes JSON. On a machine without CUDA it says so and exits 1.
+   planner catalog's llama-3-8b, each in bf16 and packed int4 (group 32, each CUDA int4
+   kernel named by --int4-kernels): batch-1 decode ms/token and achieved GB/s as % of the
+   measured bandwidth, and output tokens/s for 64 concurrent requests of 128 prompt + 128
+   output tokens, in each mode: eager, graphs (--cuda-graphs), compile (--compile),
+   compile+graphs (both: the graphs replay the compiled layers).
+   --profile adds, per row, what the GPU did in a batch-1 decode step (torch.profiler): kernel
+   launches, summed kernel time against the step's wall time, and the top kernels.
+Prints one table and writes JSON (after every row). Without CUDA it says so and exits 1.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -32,6 +39,7 @@ LLAMA_3_2_1B = {  # config.json of Llama-3.2-1B (the shape; weights are random)
     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
     "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": True,
 }
+GPU_TESTS = ["tests/gpu", "tests/quant/test_cuda.py", "tests/quant/test_triton_int4.py"]
 SCHEMES = {"bf16": {"dtype": "bfloat16", "quantization": "none"}, "int4 g32": {"quantization": "int4"}}
 
 
@@ -50,16 +58,48 @@ def measured_bandwidth_gbs(gib: float = 2.0, repeats: int = 10) -> float:
     return 2 * n * 2 / statistics.median(times[2:]) / 1e9
 
 
-def run_model(label: str, model: str, scheme: str, mode: str, peak: float) -> dict:
-    """mode: eager | compile (--compile) | graphs (--cuda-graphs)."""
+def profile_decode(llm, steps: int = 20) -> dict:
+    """A batch-1 decode of `steps` tokens under torch.profiler: per step, kernel launches,
+    summed kernel time and wall time, and the kernels that took the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tokenmill.sampling_params import SamplingParams
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    engine.add_request("profile", list(range(1000, 1128)), params)
+    for _ in range(4):  # the prefill and a few decode steps first
+        engine.step()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync()
+        wall = (time.perf_counter() - t0) / steps
+    while engine.has_unfinished_requests():
+        engine.step()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.self_device_time_total for e in kernels) / steps
+    launches = sum(e.count for e in kernels) / steps
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    return {"step_wall_ms": wall * 1e3, "kernel_ms_per_step": gpu_us / 1e3, "kernels_per_step": launches,
+            "top": [(e.key[:90], e.self_device_time_total / steps, e.count // steps) for e in top]}
+
+
+def run_model(label: str, model: str, scheme: str, mode: str, peak: float, profile: bool) -> dict:
+    """mode: eager | graphs (--cuda-graphs) | compile (--compile) | compile+graphs."""
     from tokenmill.bench.runs import bench_latency, bench_throughput
     from tokenmill.llm import LLM
 
+    kw = dict(SCHEMES[scheme.split(" (")[0]])
+    if "(" in scheme:  # "int4 g32 (triton)": the CUDA int4 kernel to build the layers for
+        os.environ["TOKENMILL_CUDA_INT4"] = scheme.split("(")[1].rstrip(")")
     t0 = time.perf_counter()
     llm = LLM(model, load_format="dummy", device="cuda", kv_cache_memory_gb=8.0, max_num_seqs=64,
-              max_num_batched_tokens=2048, max_model_len=512, compile=mode == "compile",
-              cuda_graphs=mode == "graphs", show_progress=False,
-              **SCHEMES[scheme])
+              max_num_batched_tokens=2048, max_model_len=512, compile="compile" in mode,
+              cuda_graphs="graphs" in mode, show_progress=False, **kw)
     load_s = time.perf_counter() - t0
     lat = bench_latency(llm, 128, 128, repeats=3)
     thr = bench_throughput(llm, 64, 128, 128)
@@ -68,6 +108,9 @@ def run_model(label: str, model: str, scheme: str, mode: str, peak: float) -> di
            "pct_of_measured": 100 * lat.achieved_gbs / peak, "bytes_per_token": lat.bytes_per_decode_token,
            "bound_ms": lat.bytes_per_decode_token / (peak * 1e9) * 1e3,
            "throughput_64x128": thr.output_tokens_per_s}
+    if profile:
+        row["profile"] = profile_decode(llm)
+    llm.engine.shutdown()
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -79,8 +122,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--models", default="1b,8b")
-    ap.add_argument("--compile", action="store_true", help="also run each model in bf16 with --compile")
-    ap.add_argument("--cuda-graphs", action="store_true", help="also run each scheme with --cuda-graphs")
+    ap.add_argument("--modes", default="eager,graphs,compile,compile+graphs")
+    ap.add_argument("--int4-kernels", default="tinygemm,triton", help="CUDA int4 kernels to run int4 rows with")
+    ap.add_argument("--profile", action="store_true", help="profile a batch-1 decode of each row")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("error: CUDA is not available on this machine; this script needs a GPU", file=sys.stderr)
@@ -88,7 +132,7 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if not args.skip_tests:
         t0 = time.perf_counter()
-        results["gpu_tests_rc"] = subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"])
+        results["gpu_tests_rc"] = subprocess.call([sys.executable, "-m", "pytest", "-q", "-m", "gpu", *GPU_TESTS])
         results["gpu_tests_s"] = time.perf_counter() - t0
     peak = measured_bandwidth_gbs()
     results["measured_gbs"] = peak
@@ -98,25 +142,31 @@ def main() -> None:
     (tmp / "config.json").write_text(json.dumps(LLAMA_3_2_1B))
     models = {"1b": ("llama-3.2-1b-shaped", str(tmp)), "8b": ("llama-3-8b", "llama-3-8b")}
     rows = []
-    for key in args.models.split(","):
-        label, model = models[key]
-        runs = [(s, "eager") for s in SCHEMES] + ([("bf16", "compile")] if args.compile else [])
-        runs += [(s, "graphs") for s in SCHEMES] if args.cuda_graphs else []
-        for scheme, mode in runs:
-            try:
-                row = run_model(label, model, scheme, mode, peak)
-            except Exception as e:  # noqa: BLE001 - report and go on: one failure must not hide the rest
-                row = {"model": label, "scheme": scheme, "mode": mode, "error": f"{type(e).__name__}: {e}"}
-            rows.append(row)
-            if "error" in row:
-                print(f"{label:20s} {scheme:8s} {mode:7s} FAILED {row['error']}", flush=True)
-            else:
-                print(f"{label:20s} {scheme:8s} {mode:7s} decode {row['decode_ms']:7.2f} ms/token "
-                      f"(bound {row['bound_ms']:.2f})  {row['achieved_gbs']:6.0f} GB/s = {row['pct_of_measured']:4.0f}% "
-                      f"of measured  64x128/128: {row['throughput_64x128']:7.0f} tok/s", flush=True)
     results["runs"] = rows
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    keys, modes = args.models.split(","), args.modes.split(",")
+    schemes = ["bf16"] + [f"int4 g32 ({k})" for k in args.int4_kernels.split(",")]
+    runs = [(k, s, m) for k in keys for m in modes for s in schemes]
+    for key, scheme, mode in runs:
+        label, model = models[key]
+        try:
+            row = run_model(label, model, scheme, mode, peak, args.profile)
+        except Exception as e:  # noqa: BLE001 - report and go on: one failure must not hide the rest
+            row = {"model": label, "scheme": scheme, "mode": mode, "error": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc()}
+        rows.append(row)
+        if "error" in row:
+            print(f"{label:20s} {scheme:19s} {mode:14s} FAILED {row['error']}", flush=True)
+        else:
+            print(f"{label:20s} {scheme:19s} {mode:14s} decode {row['decode_ms']:7.2f} ms/token "
+                  f"(bound {row['bound_ms']:.2f})  {row['achieved_gbs']:6.0f} GB/s = {row['pct_of_measured']:4.0f}% "
+                  f"of measured  64x128/128: {row['throughput_64x128']:7.0f} tok/s", flush=True)
+            if "profile" in row:
+                prof = row["profile"]
+                print(f"    profile: step {prof['step_wall_ms']:.2f} ms wall, {prof['kernel_ms_per_step']:.2f} ms in "
+                      f"{prof['kernels_per_step']:.0f} kernels; top: "
+                      + "; ".join(f"{name[:40]} {us:.0f}us x{n}" for name, us, n in prof["top"][:5]), flush=True)
+        if args.json:  # after every row, so a run cut short still leaves what it measured
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

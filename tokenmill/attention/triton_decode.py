@@ -106,7 +106,8 @@ if _HAS_TRITON:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [PAD_BS, PAD_D]
 
             # G is small and decode is memory bound: broadcast-multiply-sum, not tl.dot (M >= 16)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * qk_scale  # [PAD_G, PAD_BS] log2
+            # the cast keeps s fp32 when Inductor passes the Python-float scale as fp64
+            s = (tl.sum(q[:, None, :] * k[None, :, :], axis=2) * qk_scale).to(tl.float32)  # [PAD_G, PAD_BS]
             s = tl.where(t_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [PAD_G]
             p = tl.exp2(s - m_new[:, None])  # [PAD_G, PAD_BS]

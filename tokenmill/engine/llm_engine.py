@@ -118,7 +118,8 @@ def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch
         max_len = min(config.scheduler.max_model_len, loaded.config.max_position_embeddings,
                       num_blocks * cache.block_size)
         runner.cuda_graphs = cuda_graphs.CudaGraphDecoder(loaded.model, kv_caches, cache.block_size, max_len,
-                                                          config.scheduler.max_num_seqs, num_blocks, device)
+                                                          config.scheduler.max_num_seqs, num_blocks, device,
+                                                          runner.compiled_groups)
     return Shard(loaded, num_blocks, runner)
 
 

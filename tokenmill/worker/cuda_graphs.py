@@ -9,6 +9,14 @@ buffers, refilled before each replay:
     block_tables                   [B_max, max_blocks]  fixed width: the whole context window
     ctx_lens                       [B_max]              padding rows: 1
 
+The per-step inputs travel as one host-to-device copy: all five live in one int64 device
+buffer, mirrored by a pinned host buffer that each step refills row by row (the step ends by
+reading its sampled tokens back, so the copy has landed before the host buffer is reused).
+
+With a compiled decode step (--compile), the graphs capture the compiled layer groups: their
+Inductor kernels fuse the norms, RoPE and activations, so each layer replays a few kernels
+instead of ~30 small ones.
+
 Padding rows write their K/V into a scratch block that no request owns (the pool has one block
 more than the scheduler hands out) and attend over that one slot; their outputs are dropped.
 The fixed-width tables suit the Triton decode kernel, which visits only the blocks below each
@@ -42,25 +50,40 @@ class CudaGraphDecoder:
     index padding rows write to (never in a block table)."""
 
     def __init__(self, model, kv_caches: list, block_size: int, max_model_len: int, max_batch: int,
-                 scratch_block: int, device: torch.device) -> None:
-        self.model, self.kv_caches, self.device = model, kv_caches, device
+                 scratch_block: int, device: torch.device, groups: list | None = None) -> None:
+        self.model, self.kv_caches, self.device, self.groups = model, kv_caches, device, groups
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         b_max = self.buckets[-1]
         self.scratch_block = scratch_block
         self.pad_slot = scratch_block * block_size
-        self.ids = torch.zeros(b_max, dtype=torch.long, device=device)
-        self.positions = torch.zeros(b_max, dtype=torch.long, device=device)
-        self.slots = torch.full((b_max,), self.pad_slot, dtype=torch.long, device=device)
-        self.tables = torch.full((b_max, self.max_blocks), scratch_block, dtype=torch.long, device=device)
-        self.ctx_lens = torch.ones(b_max, dtype=torch.long, device=device)
+        # host rows: ids, positions, slots, ctx_lens, then the block tables [b_max, max_blocks]
+        self.host = torch.zeros(b_max * (4 + self.max_blocks), dtype=torch.long, pin_memory=True)
+        self.buffer = torch.zeros_like(self.host, device=device)
+        self.ids, self.positions, self.slots, self.ctx_lens, tables = self.buffer.split(
+            [b_max] * 4 + [b_max * self.max_blocks])
+        self.tables = tables.view(b_max, self.max_blocks)
+        h_ids, h_pos, h_slots, h_ctx, h_tables = self.host.split([b_max] * 4 + [b_max * self.max_blocks])
+        self.host_rows = (h_ids, h_pos, h_slots, h_ctx, h_tables.view(b_max, self.max_blocks))
+        self._pad_rows(0, b_max)
+        self.buffer.copy_(self.host)
         self.rows = torch.arange(b_max, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         t0 = time.perf_counter()
         self._capture()
-        log.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.buckets, time.perf_counter() - t0)
+        log.info("captured CUDA graphs for decode batch sizes %s%s in %.1f s", self.buckets,
+                 " (compiled layers)" if groups else "", time.perf_counter() - t0)
+
+    def _pad_rows(self, start: int, end: int) -> None:
+        """Host rows start..end-1 as padding: the scratch slot, one token of context."""
+        ids, pos, slots, ctx, tables = self.host_rows
+        ids[start:end] = 0
+        pos[start:end] = 0
+        slots[start:end] = self.pad_slot
+        ctx[start:end] = 1
+        tables[start:end] = self.scratch_block
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slots[:b], decode_token_idx=self.rows[:b],
@@ -76,11 +99,11 @@ class CudaGraphDecoder:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
                 for _ in range(2):
-                    self.model(*args)
+                    self.model(*args, self.groups)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.hidden[b] = self.model(*args)  # [b, hidden], a static output
+                self.hidden[b] = self.model(*args, self.groups)  # [b, hidden], a static output
             pool = graph.pool()
             self.graphs[b] = graph
 
@@ -95,19 +118,15 @@ class CudaGraphDecoder:
         read it before the next replay)."""
         n = len(step.token_ids)
         b = next(x for x in self.buckets if x >= n)
-        dev = self.device
-        self.ids[:n].copy_(torch.tensor(step.token_ids, device=dev))
-        self.positions[:n].copy_(torch.tensor(step.positions, device=dev))
-        self.slots[:n].copy_(torch.tensor(step.slots, device=dev))
-        self.ctx_lens[:n].copy_(torch.tensor(step.decode_lens, device=dev))
-        width = step.table_width
-        self.tables[:n, :width].copy_(torch.tensor(step.decode_tables, device=dev).view(n, width))
-        self.tables[:n, width:] = self.scratch_block  # unread: past every ctx_len
-        if b > n:  # padding rows: the scratch slot, one token of context
-            self.ids[n:b] = 0
-            self.positions[n:b] = 0
-            self.slots[n:b] = self.pad_slot
-            self.ctx_lens[n:b] = 1
-            self.tables[n:b] = self.scratch_block
+        ids, pos, slots, ctx, tables = self.host_rows
+        ids[:n] = torch.tensor(step.token_ids)
+        pos[:n] = torch.tensor(step.positions)
+        slots[:n] = torch.tensor(step.slots)
+        ctx[:n] = torch.tensor(step.decode_lens)
+        width = step.table_width  # columns past it keep stale blocks: past every ctx_len, never read
+        tables[:n, :width] = torch.tensor(step.decode_tables).view(n, width)
+        if b > n:
+            self._pad_rows(n, b)
+        self.buffer.copy_(self.host, non_blocking=True)
         self.graphs[b].replay()
         return self.hidden[b][:n]

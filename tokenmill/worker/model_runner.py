@@ -237,7 +237,9 @@ class ModelRunner:
             hidden = self.model(ids, positions, self.kv_caches, meta, groups)  # [T, hidden]
         if not step.logits_idx:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(step.logits_idx, device=self.device)])  # [R, V]
+        if len(step.logits_idx) < hidden.shape[0]:  # else every row samples, in order (a decode step)
+            hidden = hidden[torch.tensor(step.logits_idx, device=self.device)]
+        return self.model.compute_logits(hidden)  # [R, V]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, states: dict[str, SamplingState],
