@@ -41,7 +41,9 @@ DRAFT_MODEL = typer.Option(None, "--draft-model", help="draft model for --specul
 TP = typer.Option(1, "--tensor-parallel-size", "-tp", help="split every layer over N ranks (processes; gloo on "
                   "CPU, NCCL on CUDA); under torchrun, the number of processes it starts")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the decode step (compiles at start-up)")
-CUDA_GRAPHS = typer.Option(False, "--cuda-graphs", help="replay decode steps as CUDA graphs (one CUDA device)")
+CUDA_GRAPHS = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                           help="replay decode steps as CUDA graphs; default: on wherever they can run "
+                           "(one CUDA device, a plain KV cache)")
 LOAD_FORMAT = typer.Option("auto", "--load-format", help="auto | dummy (random weights of the model's shape: "
                            "a catalog id such as llama-3-8b, a config.json directory or a GGUF header)")
 
@@ -106,7 +108,7 @@ def generate(
     speculative_method: str = SPEC_METHOD, speculative_tokens: int = SPEC_TOKENS,
     draft_model: Optional[str] = DRAFT_MODEL,
     tensor_parallel_size: int = TP, compile: bool = COMPILE, load_format: str = LOAD_FORMAT,
-    cuda_graphs: bool = CUDA_GRAPHS,
+    cuda_graphs: bool | None = CUDA_GRAPHS,
 ) -> None:
     """Generate a completion for one prompt."""
     try:
@@ -189,7 +191,7 @@ def bench_latency_cmd(
     quantization: str = QUANT, group_size: int = GROUP, kv_cache_dtype: str = KV_DTYPE,
     input_len: int = 128, output_len: int = 64, repeats: int = 5,
     tensor_parallel_size: int = TP, compile: bool = COMPILE, load_format: str = LOAD_FORMAT,
-    cuda_graphs: bool = CUDA_GRAPHS,
+    cuda_graphs: bool | None = CUDA_GRAPHS,
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
 ) -> None:
@@ -217,7 +219,7 @@ def bench_throughput_cmd(
     speculative_method: str = SPEC_METHOD, speculative_tokens: int = SPEC_TOKENS,
     draft_model: Optional[str] = DRAFT_MODEL,
     tensor_parallel_size: int = TP, compile: bool = COMPILE, load_format: str = LOAD_FORMAT,
-    cuda_graphs: bool = CUDA_GRAPHS,
+    cuda_graphs: bool | None = CUDA_GRAPHS,
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
     output: Optional[Path] = typer.Option(None, help="also write the JSON here"),
 ) -> None:

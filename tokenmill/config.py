@@ -142,7 +142,9 @@ class EngineConfig:
     compile: bool = False  # torch.compile the decode step (worker/model_runner.py)
     tensor_parallel_size: int = 1  # ranks each layer is split over (tokenmill/distributed/)
     load_format: str = "auto"  # auto (read the weights) | dummy (random weights; loader/dummy.py)
-    cuda_graphs: bool = False  # replay decode steps as captured CUDA graphs (worker/cuda_graphs.py)
+    # replay decode steps as captured CUDA graphs (worker/cuda_graphs.py); None = wherever they
+    # can run (one CUDA device, a plain KV cache, Triton), as vLLM does unless told to stay eager
+    cuda_graphs: bool | None = None
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
     QUANTIZATIONS = ("auto", "none", "int8", "int4", "fp8")

@@ -44,7 +44,7 @@ class LLM:
         compile: bool = False,
         tensor_parallel_size: int = 1,
         load_format: str = "auto",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
         show_progress: bool = True,
     ) -> None:
         """`speculative`: a SpecConfig or its fields as a dict, e.g.

@@ -103,6 +103,10 @@ def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch
         sizing = dc_replace(local, num_kv_heads=most, num_heads=most * (local.num_heads // local.num_kv_heads))
     num_blocks = num_blocks_for(sizing, cache, dtype, kv_dtype)
     graphs = config.cuda_graphs
+    if graphs is None:  # wherever they can run
+        from tokenmill.attention import triton_decode
+
+        graphs = tp is None and device.type == "cuda" and kv_dtype == "auto" and triton_decode.available(device)
     if graphs and (tp is not None or device.type != "cuda" or kv_dtype != "auto"):
         raise ConfigError("cuda_graphs needs one CUDA device (no tensor parallelism) and an unquantized KV "
                           f"cache; got device {device}, tensor_parallel_size {config.tensor_parallel_size}, "

@@ -63,7 +63,8 @@ def serve_command(
                                              help="split every layer over N ranks (gloo on CPU, NCCL on CUDA)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step"),
     load_format: str = typer.Option("auto", "--load-format", help="auto | dummy (random weights, for load tests)"),
-    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="replay decode steps as CUDA graphs"),
+    cuda_graphs: bool | None = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                                            help="replay decode steps as CUDA graphs (default: wherever they can run)"),
     shutdown_timeout: float = typer.Option(30.0, help="seconds SIGTERM waits for running requests"),
 ) -> None:
     """Serve the model over the OpenAI HTTP API (completions, chat, streaming, metrics, metering)."""
