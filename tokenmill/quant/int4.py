@@ -12,12 +12,20 @@ to a multiple of 64 and the packed weight is uint8 [Np, K/2] read as
 
     scales_zeros  bf16 [K/group, Np, 2]   (scale, zero) per group and output row
 
-Kernel: `aten._weight_int4pack_mm_for_cpu(x bf16, packed, group, scales_zeros)`; on CUDA
-`aten._weight_int4pack_mm` (sm80+) over `aten._convert_weight_to_int4pack`. The kernel runs at
-every M: unpacking to bf16 for a dense GEMM measured slower (base.dense_min_tokens).
+Kernel: `aten._weight_int4pack_mm_for_cpu(x bf16, packed, group, scales_zeros)`. On CUDA, one
+of two, chosen when the layer is built by TOKENMILL_CUDA_INT4:
+  - `tinygemm` (default): `aten._weight_int4pack_mm` (sm80+) over
+    `aten._convert_weight_to_int4pack`, an opaque tile layout (layers stay unfused);
+  - `triton`: quant/triton_int4.py (its own layout, fusable). On an H200 (8B shapes, group 32)
+    it matched tinygemm at M = 1 and ran 2-7x faster from M = 16 (batched decode, prefill),
+    where tinygemm falls far behind bf16; not yet measured inside the engine, hence opt-in.
+The kernel runs at every M: unpacking to bf16 for a dense GEMM measured slower on CPU
+(base.dense_min_tokens).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +57,26 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
     return ((qg - 8) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
 
 
+CUDA_KERNELS = ("tinygemm", "triton")
+
+
+def int4_kernel(device: torch.device) -> str:
+    """cpu | tinygemm | triton: the kernel a layer built on `device` runs (module docstring).
+    `triton` also runs on CPU under Triton's interpreter (TRITON_INTERPRET=1; tests)."""
+    from tokenmill.quant import triton_int4
+
+    choice = os.environ.get("TOKENMILL_CUDA_INT4", "tinygemm")
+    if choice not in CUDA_KERNELS:
+        raise ConfigError(f"TOKENMILL_CUDA_INT4={choice!r}: accepted {', '.join(CUDA_KERNELS)}")
+    if choice == "triton" and triton_int4.available(device):
+        return "triton"
+    if device.type == "cuda":
+        if choice == "triton":
+            raise ConfigError("TOKENMILL_CUDA_INT4=triton needs triton: pip install triton")
+        return "tinygemm"
+    return "cpu"
+
+
 def int4pack_available(device: torch.device) -> bool:
     if device.type == "cpu":
         return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int4pack_mm_for_cpu", "CPU")
@@ -64,13 +92,19 @@ class Int4Linear(QuantLinear):
             raise ConfigError(f"int4 group size {group}: accepted {', '.join(map(str, GROUP_SIZES))}")
         check_k_multiple("int4 weight", k, group, "the group size")
         self.group = group
-        device = q.device
-        self.cuda_kernel = device.type == "cuda"
-        pad = (-n) % N_BLOCK if not self.cuda_kernel else (-n) % 8
+        self.kernel = int4_kernel(q.device)
+        if self.kernel == "triton":
+            from tokenmill.quant.triton_int4 import pack_int4_triton
+
+            self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+                                 .to(ACT_DTYPE))  # [K/g, N, 2]
+            self.register_buffer("packed", pack_int4_triton(q, group))
+            return
+        pad = (-n) % N_BLOCK if self.kernel == "cpu" else (-n) % 8
         q = F.pad(q, (0, 0, 0, pad))
         sz = torch.stack([F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))], -1)  # [Np, K/g, 2]
         self.register_buffer("scales_zeros", sz.transpose(0, 1).contiguous().to(ACT_DTYPE))  # [K/g, Np, 2]
-        if self.cuda_kernel:
+        if self.kernel == "tinygemm":
             pairs = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()  # [Np, K/2] uint8, even k high
             tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
@@ -78,26 +112,40 @@ class Int4Linear(QuantLinear):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self.register_buffer("packed", packed)
 
+    @property
+    def fusable(self) -> bool:
+        """Whether codes() can read the weight back (not from tinygemm's opaque tiles)."""
+        return self.kernel != "tinygemm"
+
     @classmethod
     def from_float(cls, w: torch.Tensor, group: int, bias: torch.Tensor | None = None) -> Int4Linear:
         return cls(*quantize_int4(w, group), group, bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cuda_kernel:
+        if self.kernel == "triton":
+            from tokenmill.quant.triton_int4 import int4_matmul
+
+            return int4_matmul(x.contiguous(), self.packed, self.scales_zeros, self.group, self.out_features)
+        if self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.contiguous(), self.packed, self.group, self.scales_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_zeros)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
     def codes(self) -> torch.Tensor:
-        """q uint8 [N, K] unpacked from the CPU layout (drawn in the module docstring)."""
+        """q uint8 [N, K], unpacked from the CPU layout (drawn in the module docstring) or the
+        Triton one."""
+        if self.kernel == "triton":
+            from tokenmill.quant.triton_int4 import unpack_int4_triton
+
+            return unpack_int4_triton(self.packed, self.out_features, self.group)
         np_, k = self.scales_zeros.shape[1], self.in_features
         p = self.packed.view(np_ // N_BLOCK, k, N_BLOCK // 2)  # [Np/64, K, 32]
         q = torch.cat([p & 0xF, p >> 4], dim=-1)  # [Np/64, K, 64]: rows j and 32 + j
         return q.transpose(1, 2).reshape(np_, k)[: self.out_features]
 
     def dequantize(self) -> torch.Tensor:
-        if self.cuda_kernel:  # the CUDA tile layout is opaque: read the weight back through the kernel
+        if self.kernel == "tinygemm":  # an opaque tile layout: read the weight back through the kernel
             eye = torch.eye(self.in_features, dtype=ACT_DTYPE, device=self.packed.device)
             return torch.ops.aten._weight_int4pack_mm(eye, self.packed, self.group, self.scales_zeros)[
                 :, : self.out_features].t().float()
