@@ -58,19 +58,31 @@ def measured_bandwidth_gbs(gib: float = 2.0, repeats: int = 10) -> float:
     return 2 * n * 2 / statistics.median(times[2:]) / 1e9
 
 
-def profile_decode(llm, steps: int = 20) -> dict:
-    """A batch-1 decode of `steps` tokens under torch.profiler: per step, kernel launches,
-    summed kernel time and wall time, and the kernels that took the most time."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_decode(llm, batch: int, steps: int = 20) -> dict:
+    """`steps` decode steps of `batch` requests under torch.profiler: per step, kernel launches,
+    summed kernel time and wall time, the host time outside the model runner, and the kernels
+    that took the most time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from tokenmill.sampling_params import SamplingParams
 
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
-    engine.add_request("profile", list(range(1000, 1128)), params)
-    for _ in range(4):  # the prefill and a few decode steps first
+    for i in range(batch):
+        engine.add_request(f"profile-{batch}-{i}", list(range(1000 + i, 1128 + i)), params)
+    sched = engine.scheduler
+    while sched.waiting or any(r.num_tokens - r.num_computed_tokens > 1 for r in sched.running):
+        engine.step()  # the prefills
+    for _ in range(2):
         engine.step()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
+    execute = engine.runner.execute
+
+    def timed_execute(*args, **kwargs):  # the runner's share of the step (the rest is host work)
+        with record_function("runner.execute"):
+            return execute(*args, **kwargs)
+
+    engine.runner.execute = timed_execute
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         sync()
         t0 = time.perf_counter()
@@ -78,13 +90,17 @@ def profile_decode(llm, steps: int = 20) -> dict:
             engine.step()
         sync()
         wall = (time.perf_counter() - t0) / steps
+    del engine.runner.execute
     while engine.has_unfinished_requests():
         engine.step()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.self_device_time_total for e in kernels) / steps
     launches = sum(e.count for e in kernels) / steps
+    runner_us = sum(e.cpu_time_total for e in events if e.key == "runner.execute") / steps
     top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:8]
-    return {"step_wall_ms": wall * 1e3, "kernel_ms_per_step": gpu_us / 1e3, "kernels_per_step": launches,
+    return {"batch": batch, "step_wall_ms": wall * 1e3, "kernel_ms_per_step": gpu_us / 1e3,
+            "kernels_per_step": launches, "runner_ms_per_step": runner_us / 1e3,
             "top": [(e.key[:90], e.self_device_time_total / steps, e.count // steps) for e in top]}
 
 
@@ -109,7 +125,7 @@ def run_model(label: str, model: str, scheme: str, mode: str, peak: float, profi
            "bound_ms": lat.bytes_per_decode_token / (peak * 1e9) * 1e3,
            "throughput_64x128": thr.output_tokens_per_s}
     if profile:
-        row["profile"] = profile_decode(llm)
+        row["profile"] = [profile_decode(llm, b) for b in (1, 64)]
     llm.engine.shutdown()
     del llm
     gc.collect()
@@ -160,9 +176,9 @@ def main() -> None:
             print(f"{label:20s} {scheme:19s} {mode:14s} decode {row['decode_ms']:7.2f} ms/token "
                   f"(bound {row['bound_ms']:.2f})  {row['achieved_gbs']:6.0f} GB/s = {row['pct_of_measured']:4.0f}% "
                   f"of measured  64x128/128: {row['throughput_64x128']:7.0f} tok/s", flush=True)
-            if "profile" in row:
-                prof = row["profile"]
-                print(f"    profile: step {prof['step_wall_ms']:.2f} ms wall, {prof['kernel_ms_per_step']:.2f} ms in "
+            for prof in row.get("profile", []):
+                print(f"    profile batch {prof['batch']}: step {prof['step_wall_ms']:.2f} ms wall, "
+                      f"runner {prof['runner_ms_per_step']:.2f} ms, {prof['kernel_ms_per_step']:.2f} ms in "
                       f"{prof['kernels_per_step']:.0f} kernels; top: "
                       + "; ".join(f"{name[:40]} {us:.0f}us x{n}" for name, us, n in prof["top"][:5]), flush=True)
         if args.json:  # after every row, so a run cut short still leaves what it measured

@@ -123,7 +123,7 @@ def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
     s = block_tables.shape[1] * bs
     k = gather_blocks(k_cache, block_tables).view(b, s, hkv, d)  # [B, S, Hkv, D]
     v = gather_blocks(v_cache, block_tables).view(b, s, hkv, d)
-    qg = q.view(b, hkv, g, d)
+    qg = q.reshape(b, hkv, g, d)  # q may be a strided view of the fused qkv output
     scores = torch.einsum("bhgd,bshd->bhgs", qg.float(), k.float()) * scale  # [B, Hkv, G, S]
     pad = torch.arange(s, device=q.device)[None, :] >= ctx_lens[:, None]  # [B, S]
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))

@@ -17,7 +17,7 @@ from tokenmill.attention.paged import AttentionMetadata, paged_attention, write_
 from tokenmill.config import ModelConfig
 from tokenmill.distributed.group import TPGroup
 from tokenmill.distributed.shard import TPShard
-from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
+from tokenmill.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, apply_rope_qk
 
 
 class Attention(nn.Module):
@@ -40,13 +40,16 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         if hasattr(self, "qkv_proj"):  # merged after loading (model/fusion.py)
-            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
+            qk = apply_rope_qk(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos_sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H, D], [T, Hkv, D]
+            v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, k, cos_sin)
+            q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
+            k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+            v = v.view(t, self.num_kv_heads, self.head_dim)
+            q, k = apply_rope(q, k, cos_sin)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
