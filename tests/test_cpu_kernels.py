@@ -84,6 +84,72 @@ def test_bad_input_is_a_clear_error():
         cpu.paged_decode_attention(q, k, v, tables[:, :1], ctx + 16, 0.125)
 
 
+LAYER_TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
+             torch.float16: {"rtol": 1e-3, "atol": 1e-3}}
+
+
+def _torch_rms_norm(x, w, eps):  # the torch code of model/layers.py, by hand
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _torch_rope(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [1, 37])
+def test_rms_norm_matches_torch(t, dtype):
+    g = torch.Generator().manual_seed(t)
+    wide = (torch.randn(t, 1000, generator=g) * 3).to(dtype)
+    x = wide[:, 100:676]  # rows 1000 apart: a strided view, as a slice of a fused output is
+    w = (torch.rand(576, generator=g) + 0.5).to(dtype)
+    out = cpu.rms_norm(x, w, 1e-5)
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), _torch_rms_norm(x, w, 1e-5).float(), **LAYER_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [1, 5, 130])
+def test_rope_matches_torch(t, dtype):
+    """q and k side by side, a view of a fused qkv output ([T, (H + 2 Hkv) D], v left out)."""
+    from tokenmill.model.layers import RotaryEmbedding
+
+    h, hkv, d = 9, 3, 64
+    g = torch.Generator().manual_seed(t)
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=g).to(dtype)
+    qk = qkv[:, : (h + hkv) * d].view(t, h + hkv, d)
+    cos, sin = RotaryEmbedding(d, 4096, 10000.0, None).cos_sin(torch.randint(0, 4096, (t,), generator=g))
+    out = cpu.rope(qk, cos, sin)
+    assert out.shape == qk.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), _torch_rope(qk, cos, sin).float(), **LAYER_TOL[dtype])
+
+
+def test_layers_use_the_layer_ops_in_eager_steps():
+    from tokenmill.model.layers import RMSNorm, _rotate
+
+    norm = RMSNorm(64, 1e-6)
+    x = torch.randn(3, 64)
+    with torch.profiler.profile() as prof:
+        norm(x)
+        _rotate(x.view(3, 1, 64), torch.ones(3, 1, 32), torch.zeros(3, 1, 32))
+    names = {e.name for e in prof.events()}
+    assert {"tokenmill::rms_norm", "tokenmill::rope"} <= names, names
+
+
+def test_layer_ops_bad_input_is_a_clear_error():
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match=r"weight must be \[64\] of x's dtype"):
+        cpu.rms_norm(x, torch.ones(64, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16"):
+        cpu.rms_norm(x.long(), torch.ones(64).long(), 1e-5)
+    with pytest.raises(RuntimeError, match="contiguous last dimension"):
+        cpu.rms_norm(x.t(), torch.ones(2), 1e-5)
+    with pytest.raises(RuntimeError, match="cos and sin must be float32"):
+        cpu.rope(x.view(2, 1, 64), torch.ones(2, 1, 16), torch.ones(2, 1, 16))
+
+
 @pytest.mark.parametrize("env", [{"TOKENMILL_CPU_KERNELS": "0"}, {"CXX": "/nonexistent/g++"}])
 def test_falls_back_to_the_reference(env, tmp_path):
     """Switched off, or no working compiler (fresh extension dir): load() says no and logs one

@@ -1,6 +1,7 @@
 """tokenmill's C++ kernels for the CPU, compiled on this machine on first use.
 
     csrc/decode_attention.cpp   tokenmill::paged_decode_attention (attention/paged.py's decode path)
+    csrc/layer_ops.cpp          tokenmill::rms_norm, tokenmill::rope (model/layers.py, eager steps)
 
 Built with torch's extension builder (g++ and ninja; `-O3 -march=native`, so the code is tuned to
 the CPU it runs on; one build per kind of CPU) into torch's extension cache (~10 s once;
@@ -39,7 +40,7 @@ def _isa_tag() -> str:
 
 
 NAME = f"tokenmill_cpu_kernels_{_isa_tag()}"
-SOURCES = [Path(__file__).parent / "csrc" / "decode_attention.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "layer_ops.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 ENV_SWITCH = "TOKENMILL_CPU_KERNELS"  # "0": never build or use them
 
@@ -109,9 +110,27 @@ def _register_fakes() -> None:
     def _(q, k_cache, v_cache, block_tables, ctx_lens, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("tokenmill::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("tokenmill::rope")
+    def _(x, cos, sin):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, D]; caches [blocks, block_size, Hkv, D] (plain tensors, q's dtype); block_tables
     [B, W] and ctx_lens [B] int64. Returns [B, H, D]; the same math as paged._decode_attention."""
     return torch.ops.tokenmill.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, D], weight [D] of x's dtype: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype), in float32."""
+    return torch.ops.tokenmill.rms_norm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, N, D] rotated (rotate-half) by cos/sin [T, 1, D/2] float32; contiguous output."""
+    return torch.ops.tokenmill.rope(x, cos, sin)

@@ -8,6 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.kernels import cpu as cpu_kernels
+
+
+def _cpu_kernel(x: torch.Tensor) -> bool:
+    """Whether an eager CPU step can take the C++ op (kernels/): a compiled graph fuses the torch
+    code itself."""
+    return x.device.type == "cpu" and cpu_kernels.available() and not torch.compiler.is_compiling()
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -16,8 +24,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_kernel(x) and x.dim() == 2 and x.dtype == self.weight.dtype:  # one call, not eight
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # computed in float32 as in the reference implementations, then cast back; one fused
-        # kernel for the normalization instead of five (pow, mean, add, rsqrt, mul)
+        # kernel for the normalization instead of five (pow, mean, add, rsqrt, mul) on CUDA
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -79,6 +89,8 @@ def apply_rope_qk(qk: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) 
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if _cpu_kernel(x):
+        return cpu_kernels.rope(x, cos, sin)
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
