@@ -63,6 +63,17 @@ def run_interpreter_cases() -> None:
     triton_int4.GEMV_MAX_M = 64  # the GEMV kernel with several rows, should the cut-off move
     for m, n, k, group in [(3, 200, 384, 32), (5, 96, 256, 128)]:
         check(m, n, k, group, device="cpu")
+    triton_int4.GEMV_MAX_M = 1
+    triton_int4.DENSE_MIN_M = 16  # the widening kernel + dense GEMM
+    for m, n, k, group in [(16, 200, 384, 32), (33, 96, 256, 64), (20, 40, 256, 128)]:
+        check(m, n, k, group, device="cpu")
+        _, packed, sz, _ = make_case(m, n, k, group, "cpu")
+        q = triton_int4.unpack_int4_triton(packed, n, group)
+        s = sz.transpose(0, 1).float()  # [N, K/g, 2]
+        ref = dequantize_int4(q, s[..., 0], s[..., 1], group)
+        w = triton_int4.dequantize_int4_triton(packed, sz, group, n)
+        assert w.shape == (n, k) and w.dtype == torch.bfloat16
+        torch.testing.assert_close(w.float(), ref, rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

@@ -39,6 +39,11 @@ Kernels (deterministic: no split-K, no atomics; fp32 accumulation):
     autotuning key's M bucket; BLOCK_N, STEP_K, warps and stages are tuned per (BLOCK_M, N, K,
     group) from a decode set (BLOCK_M <= 64, small BLOCK_N for enough programs) or a prefill set.
 
+  - M >= DENSE_MIN_M (prefill chunks), `_dequant_kernel` + cuBLAS: the weight is widened to
+    bf16 once per call (one pass: N K / 2 bytes read, 2 N K written) and one dense GEMM runs.
+    On the H200 the tl.dot kernel, bounded by its in-register dequantization, ran 2.3-4.2x
+    slower than a bf16 GEMM at M = 256-2048 (docs/gpu.md), more than the widening costs.
+
 Autotuning benchmarks on first use of each key and synchronizes: run every M bucket and shape
 once before capturing a CUDA graph. K is a compile-time constant (a model has few). The kernels
 also run on CPU through Triton's interpreter when TRITON_INTERPRET=1 is set before this module
@@ -67,6 +72,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GROUP_SIZES = (32, 64, 128)
 ROWS = 16  # output rows per packed block
 GEMV_MAX_M = 1  # largest M that runs the GEMV kernel
+DENSE_MIN_M = 256  # from this M on: widen the weight to bf16 and run one cuBLAS GEMM
+DEQUANT_COLS = 128  # k columns per program of the widening kernel
 
 
 def available(device: torch.device | str) -> bool:
@@ -254,6 +261,44 @@ if _HAS_TRITON:
                                     do_bench=_bench)(_gemm_kernel)
 
 
+if _HAS_TRITON:
+
+    @triton.jit
+    def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, stride_wb, stride_sg, stride_on,
+                        K: tl.constexpr, GROUP: tl.constexpr, GPP: tl.constexpr):
+        """W bf16 [N, K] from the packed layout: program (16-row block, GPP groups)."""
+        NUM_GROUPS: tl.constexpr = K // GROUP
+        HALF: tl.constexpr = GROUP // 2
+        blk = tl.program_id(0)
+        j = tl.arange(0, HALF)
+        r = tl.arange(0, 16)
+        n = blk * 16 + r
+        n_ok = n < N
+        for gg in tl.static_range(GPP):
+            g = tl.program_id(1) * GPP + gg
+            if g < NUM_GROUPS:
+                b = tl.load(w_ptr + blk.to(tl.int64) * stride_wb + (j[:, None] * NUM_GROUPS + g) * 16 + r[None, :])
+                hi16, lo = _nibbles(b)  # [HALF, 16]
+                s = tl.load(sz_ptr + g * stride_sg + n * 2, mask=n_ok, other=0.0).to(tl.float32)
+                z8 = tl.load(sz_ptr + g * stride_sg + n * 2 + 1, mask=n_ok, other=0.0).to(tl.float32) - 8.0 * s
+                w_even = hi16 * (s * 0.0625)[None, :] + z8[None, :]  # k = g * GROUP + 2j
+                w_odd = lo * s[None, :] + z8[None, :]  # k = g * GROUP + 2j + 1
+                cols = out_ptr + n.to(tl.int64)[None, :] * stride_on + g * GROUP + 2 * j[:, None]
+                tl.store(cols, w_even.to(tl.bfloat16), mask=n_ok[None, :])
+                tl.store(cols + 1, w_odd.to(tl.bfloat16), mask=n_ok[None, :])
+
+
+def dequantize_int4_triton(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, n: int) -> torch.Tensor:
+    """W bf16 [n, K] (the values int4_matmul multiplies by, rounded to bf16) in one kernel."""
+    k = scales_zeros.shape[0] * group
+    w = torch.empty((n, k), dtype=torch.bfloat16, device=packed.device)
+    gpp = max(1, DEQUANT_COLS // group)
+    grid = (triton.cdiv(n, ROWS), triton.cdiv(k // group, gpp))
+    _dequant_kernel[grid](packed, scales_zeros, w, n, packed.stride(0), scales_zeros.stride(0), w.stride(0),
+                          K=k, GROUP=group, GPP=gpp)
+    return w
+
+
 def _check(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
            n: int) -> None:
     if x.dim() != 2 or x.dtype != torch.bfloat16 or x.stride(-1) != 1:
@@ -283,9 +328,12 @@ def _check(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, gr
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
                 n: int) -> torch.Tensor:
     """y = x @ W^T, bf16 [M, n], for x bf16 [M, K], packed = pack_int4_triton(q, group) and
-    scales_zeros bf16 [K/group, >= n, 2]. No host sync and no allocation but y."""
+    scales_zeros bf16 [K/group, >= n, 2]. No host sync and no allocation but y (and, from
+    DENSE_MIN_M rows on, the widened weight)."""
     _check(x, packed, scales_zeros, group, n)
     m, k = x.shape
+    if m >= DENSE_MIN_M:
+        return F.linear(x, dequantize_int4_triton(packed, scales_zeros, group, n))
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
     if m == 0 or n == 0:
         return y
