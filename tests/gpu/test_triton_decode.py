@@ -6,20 +6,14 @@ chosen before the kernel module is imported, so it runs in a subprocess (skipped
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.attention_cases import TOL, make_case, poison_unused
+from tests.triton_interpreter import HAS_TRITON, run_in_interpreter
 from tokenmill.attention.paged import _decode_attention
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-REPO = Path(__file__).resolve().parents[2]
 
 
 def check(b: int, hkv: int, g: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) -> None:
@@ -53,12 +47,7 @@ def run_interpreter_cases() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    code = "from tests.gpu.test_triton_decode import run_interpreter_cases; run_interpreter_cases()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_in_interpreter("tests.gpu.test_triton_decode", "run_interpreter_cases")
 
 
 def test_unavailable_on_cpu_without_interpreter():

@@ -7,20 +7,15 @@ it). The interpreter rounds fp32 -> bf16 by truncation, so its error is about tw
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.triton_interpreter import HAS_TRITON, run_in_interpreter
 from tokenmill.quant.int4 import dequantize_int4, quantize_int4
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-REPO = Path(__file__).resolve().parents[2]
 REL_TOL = 1e-2  # bf16 activations, weights rounded to bf16 for the tensor cores, bf16 output
 
 
@@ -78,12 +73,7 @@ def run_interpreter_cases() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    code = "from tests.quant.test_triton_int4 import run_interpreter_cases; run_interpreter_cases()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_in_interpreter("tests.quant.test_triton_int4", "run_interpreter_cases")
 
 
 def test_pack_layout():
@@ -162,6 +152,7 @@ def run_layer_cases() -> None:
     built for the Triton kernel, its fusion, and an engine decoding through it."""
     import json
     import tempfile
+    from pathlib import Path
 
     from tokenmill.llm import LLM
     from tokenmill.model.fusion import merge_linears
@@ -200,12 +191,7 @@ def run_layer_cases() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_layers_built_for_the_triton_kernel():
-    env = dict(os.environ, TRITON_INTERPRET="1", TOKENMILL_CUDA_INT4="triton",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    code = "from tests.quant.test_triton_int4 import run_layer_cases; run_layer_cases()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_in_interpreter("tests.quant.test_triton_int4", "run_layer_cases", TOKENMILL_CUDA_INT4="triton")
 
 
 def test_unknown_kernel_choice_is_a_clear_error(monkeypatch):

@@ -34,30 +34,15 @@ through Triton's interpreter when TRITON_INTERPRET=1 is set before this module i
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from tokenmill.kernels import triton_env
+from tokenmill.kernels.triton_env import tl, triton
 
-    _HAS_TRITON = True
-except ImportError:  # optional dependency: callers check available() and use the torch path
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+available = triton_env.available  # whether the kernel runs on a device
+_HAS_TRITON = triton_env.HAS_TRITON
 
-# Fixed at import: @triton.jit below picks the interpreter or the compiler when it runs.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
-
-
-def available(device: torch.device | str) -> bool:
-    """Whether paged_decode_attention can run on tensors of `device`."""
-    if not _HAS_TRITON:
-        return False
-    return _INTERPRET or torch.device(device).type == "cuda"
 
 
 if _HAS_TRITON:

@@ -52,35 +52,21 @@ is imported (one small config each, fp32 tl.dot, no PTX), which the tests use.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
+from tokenmill.kernels import triton_env
+from tokenmill.kernels.triton_env import tl, triton
 
-    _HAS_TRITON = True
-except ImportError:  # optional dependency: callers check available() and use the torch path
-    triton = None
-    tl = None
-    _HAS_TRITON = False
+available = triton_env.available  # whether the kernels run on a device
+_HAS_TRITON = triton_env.HAS_TRITON
+_INTERPRET = triton_env.INTERPRET  # fixed at import: @triton.jit below picks the interpreter then
 
-# Fixed at import: @triton.jit below picks the interpreter or the compiler when it runs.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GROUP_SIZES = (32, 64, 128)
 ROWS = 16  # output rows per packed block
 GEMV_MAX_M = 1  # largest M that runs the GEMV kernel
 DENSE_MIN_M = 256  # from this M on: widen the weight to bf16 and run one cuBLAS GEMM
 DEQUANT_COLS = 128  # k columns per program of the widening kernel
-
-
-def available(device: torch.device | str) -> bool:
-    """Whether int4_matmul can run on tensors of `device`."""
-    if not _HAS_TRITON:
-        return False
-    return _INTERPRET or torch.device(device).type == "cuda"
 
 
 def pack_int4_triton(q: torch.Tensor, group: int) -> torch.Tensor:
