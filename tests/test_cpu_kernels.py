@@ -43,6 +43,46 @@ def test_decode_attention_matches_reference(case, dtype):
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
+def _quantized_pools(k, v, kind, dtype):
+    """QuantizedKVPools holding k and v ([blocks, block_size, Hkv, D]) as `kind` codes."""
+    from tokenmill.quant.kv import QuantizedKVPool
+
+    pools = []
+    for x in (k, v):
+        pool = QuantizedKVPool(*x.shape, kind, dtype, x.device)
+        pool.write(torch.arange(x.shape[0] * x.shape[1]), x.reshape(-1, *x.shape[2:]))
+        pools.append(pool)
+    return pools
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:4])
+def test_quantized_pools_match_reference(case, dtype, kind):
+    """Rows read as codes * scale, against the reference's dequantized gather (which rounds the
+    rows to the compute dtype first: bf16 tolerance there)."""
+    b, hkv, g, d = case
+    q, k, v, tables, ctx = make_case(b, hkv, g, d, dtype, "cpu", seed=b * 5 + g)
+    kp, vp = _quantized_pools(k, v, kind, dtype)
+    ref = _decode_attention(q, kp, vp, tables, ctx, d ** -0.5)
+    kp.scale, vp.scale = poison_unused(kp.scale, tables, ctx), poison_unused(vp.scale, tables, ctx)
+    out = cpu.paged_decode_attention_quantized(q, kp, vp, tables, ctx, d ** -0.5)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+def test_paged_attention_uses_it_for_quantized_pools():
+    q, k, v, tables, ctx = make_case(3, 2, 3, 64, torch.bfloat16, "cpu", seed=5)
+    kp, vp = _quantized_pools(k, v, "int8", torch.bfloat16)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(3, dtype=torch.long), decode_token_idx=torch.arange(3),
+                             decode_block_tables=tables, decode_ctx_lens=ctx, prefills=[], num_tokens=3)
+    with torch.profiler.profile() as prof:
+        out = paged_attention(q, kp, vp, meta, 0.125)
+    assert "tokenmill::paged_decode_attention_quantized" in {e.name for e in prof.events()}
+    torch.testing.assert_close(out.float(), _decode_attention(q, kp, vp, tables, ctx, 0.125).float(),
+                               **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("b", [1, 2])
 def test_long_context_split_over_threads(b):
     """Few requests with long contexts split their KV heads over threads: same result."""
@@ -82,6 +122,13 @@ def test_bad_input_is_a_clear_error():
         cpu.paged_decode_attention(q, k, v, tables[0], ctx, 0.125)
     with pytest.raises(RuntimeError, match="exceeds the block table"):
         cpu.paged_decode_attention(q, k, v, tables[:, :1], ctx + 16, 0.125)
+    kp, vp = _quantized_pools(k, v, "int8", torch.float32)
+    fp8, _ = _quantized_pools(k, v, "fp8", torch.float32)
+    with pytest.raises(RuntimeError, match="one kind for K and V"):
+        cpu.paged_decode_attention_quantized(q, fp8, vp, tables, ctx, 0.125)
+    kp.scale = kp.scale.float()
+    with pytest.raises(RuntimeError, match=r"KV scales must be contiguous bfloat16 \[blocks, block_size, Hkv\]"):
+        cpu.paged_decode_attention_quantized(q, kp, vp, tables, ctx, 0.125)
 
 
 LAYER_TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},

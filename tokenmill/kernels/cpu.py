@@ -1,6 +1,7 @@
 """tokenmill's C++ kernels for the CPU, compiled on this machine on first use.
 
-    csrc/decode_attention.cpp   tokenmill::paged_decode_attention (attention/paged.py's decode path)
+    csrc/decode_attention.cpp   tokenmill::paged_decode_attention(_quantized) (attention/paged.py's
+                                decode path, plain and quantized KV pools)
     csrc/layer_ops.cpp          tokenmill::rms_norm, tokenmill::rope (model/layers.py, eager steps)
 
 Built with torch's extension builder (g++ and ninja; `-O3 -march=native`, so the code is tuned to
@@ -110,6 +111,10 @@ def _register_fakes() -> None:
     def _(q, k_cache, v_cache, block_tables, ctx_lens, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("tokenmill::paged_decode_attention_quantized")
+    def _(q, k_codes, k_scale, v_codes, v_scale, block_tables, ctx_lens, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("tokenmill::rms_norm")
     def _(x, weight, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -124,6 +129,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q [B, H, D]; caches [blocks, block_size, Hkv, D] (plain tensors, q's dtype); block_tables
     [B, W] and ctx_lens [B] int64. Returns [B, H, D]; the same math as paged._decode_attention."""
     return torch.ops.tokenmill.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx_lens, scale)
+
+
+def paged_decode_attention_quantized(q: torch.Tensor, k_pool, v_pool, block_tables: torch.Tensor,
+                                     ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """paged_decode_attention over QuantizedKVPools (quant/kv.py): each row read as codes * scale."""
+    return torch.ops.tokenmill.paged_decode_attention_quantized(q, k_pool.data, k_pool.scale, v_pool.data,
+                                                                v_pool.scale, block_tables, ctx_lens, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
