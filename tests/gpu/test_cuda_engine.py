@@ -53,8 +53,9 @@ def test_cuda_graphs_are_the_default():
 
 
 @pytest.mark.parametrize("kw", [{"dtype": "float32", "quantization": "none"}, {},
-                                {"dtype": "float32", "quantization": "none", "compile": True}],
-                         ids=["float32", "packed", "float32-compiled"])
+                                {"dtype": "float32", "quantization": "none", "compile": True},
+                                {"dtype": "float32", "quantization": "none", "kv_cache_dtype": "int8"}],
+                         ids=["float32", "packed", "float32-compiled", "float32-int8-kv"])
 def test_cuda_graph_decode_equals_eager(kw):
     """Decode steps replayed from captured graphs (batch buckets, padded rows, scratch block)
     give the eager engine's greedy tokens: float32, the packed bf16 default, and graphs of the

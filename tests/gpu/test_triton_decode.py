@@ -29,6 +29,27 @@ def check(b: int, hkv: int, g: int, d: int, dtype: torch.dtype, device: str, see
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
+def check_quantized(b: int, hkv: int, g: int, d: int, dtype: torch.dtype, kind: str, device: str,
+                    seed: int = 0) -> None:
+    """QuantizedKVPools (int8 / e4m3 codes, bf16 scale per token and head) against the reference
+    gather, which rounds the dequantized rows to the compute dtype first (its tolerance)."""
+    from tokenmill.attention.triton_decode import paged_decode_attention_quantized
+    from tokenmill.quant.kv import QuantizedKVPool
+
+    q, k, v, tables, ctx = make_case(b, hkv, g, d, dtype, device, seed)
+    pools = []
+    for x in (k, v):
+        pool = QuantizedKVPool(*x.shape, kind, dtype, x.device)
+        pool.write(torch.arange(x.shape[0] * x.shape[1], device=x.device), x.reshape(-1, *x.shape[2:]))
+        pools.append(pool)
+    ref = _decode_attention(q, *pools, tables, ctx, d ** -0.5)
+    for pool in pools:  # scales no request reaches are NaN: reading one would poison the output
+        pool.scale = poison_unused(pool.scale, tables, ctx)
+    out = paged_decode_attention_quantized(q, *pools, tables, ctx, d ** -0.5)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
 # (B, Hkv, G, D, dtype): batch 1/3/8, GQA group 1 and 3 (not a power of two), fp32 and bf16
 INTERPRETER_CASES = [
     (1, 2, 1, 64, torch.float32),
@@ -43,6 +64,8 @@ def run_interpreter_cases() -> None:
     """Entry point of the subprocess (TRITON_INTERPRET=1 already set)."""
     for i, case in enumerate(INTERPRETER_CASES):
         check(*case, device="cpu", seed=i)
+    for i, case in enumerate(INTERPRETER_CASES[1:3] + INTERPRETER_CASES[4:]):  # int8 codes (e4m3: CUDA only)
+        check_quantized(*case, "int8", device="cpu", seed=i)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -67,3 +90,17 @@ def test_unavailable_on_cpu_without_interpreter():
 @pytest.mark.parametrize("d", [64, 128])
 def test_cuda_matches_reference(b, g, d, dtype):
     check(b, 2, g, d, dtype, device="cuda", seed=b * 10 + g)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 8])
+def test_cuda_quantized_matches_reference(b, dtype, kind):
+    from tokenmill.attention.triton_decode import quantized_available
+
+    if not quantized_available(torch.device("cuda"), kind):
+        pytest.skip(f"{kind} codes need sm89+")
+    check_quantized(b, 2, 3, 128, dtype, kind, device="cuda", seed=b)

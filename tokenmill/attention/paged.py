@@ -85,8 +85,11 @@ def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
                 decode = triton_decode.paged_decode_attention
             elif q.device.type == "cpu" and cpu_kernels.available():
                 decode = cpu_kernels.paged_decode_attention
-        elif isinstance(k_cache, QuantizedKVPool) and q.device.type == "cpu" and cpu_kernels.available():
-            decode = cpu_kernels.paged_decode_attention_quantized
+        elif isinstance(k_cache, QuantizedKVPool):  # codes read in the kernel, no dequantized copy
+            if q.is_cuda and triton_decode.quantized_available(q.device, k_cache.kind):
+                decode = triton_decode.paged_decode_attention_quantized
+            elif q.device.type == "cpu" and cpu_kernels.available():
+                decode = cpu_kernels.paged_decode_attention_quantized
         if n_decode == t and not meta.prefills:  # all decodes, in order (the runner's layout): no scatter
             return decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale)
         out[meta.decode_token_idx] = decode(

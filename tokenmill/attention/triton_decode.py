@@ -27,9 +27,11 @@ read, and every visited block holds at least one valid token, so m' is finite af
 block. Exponentials use exp2 with the scale folded into log2(e) * scale (same math, cheaper).
 All arithmetic is float32, as in the reference; the result is cast to q.dtype.
 
-Plain tensor pools only: a QuantizedKVPool stays on the torch path. The kernel also runs on CPU
-through Triton's interpreter when TRITON_INTERPRET=1 is set before this module is imported
-(the interpreter is chosen when @triton.jit decorates the kernel, i.e. at import).
+Quantized pools (QuantizedKVPool: int8 or e4m3 codes with a bf16 scale per token and KV head)
+are read by the same kernel, each K/V row widened as codes * scale (`QUANTIZED`); e4m3 codes
+need sm89+. The kernel also runs on CPU through Triton's interpreter when TRITON_INTERPRET=1 is
+set before this module is imported (the interpreter is chosen when @triton.jit decorates the
+kernel, i.e. at import).
 """
 
 from __future__ import annotations
@@ -50,14 +52,15 @@ if _HAS_TRITON:
     @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr,
+        ks_ptr, vs_ptr,  # QUANTIZED: bf16 scales [num_blocks, block_size, Hkv], contiguous
         qk_scale,  # scale * log2(e)
         stride_qb, stride_qh, stride_qd,
         stride_kn, stride_ks, stride_kh, stride_kd,
         stride_vn, stride_vs, stride_vh, stride_vd,
         stride_btb, stride_btn,
         stride_ob, stride_oh, stride_od,
-        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        PAD_G: tl.constexpr, PAD_D: tl.constexpr, PAD_BS: tl.constexpr,
+        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+        PAD_G: tl.constexpr, PAD_D: tl.constexpr, PAD_BS: tl.constexpr, QUANTIZED: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -89,6 +92,10 @@ if _HAS_TRITON:
                       + d[None, :] * stride_vd)
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [PAD_BS, PAD_D]
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [PAD_BS, PAD_D]
+            if QUANTIZED:  # codes * the scale of their (slot, kv head)
+                sc = (blk * BLOCK_SIZE + t) * NUM_KV_HEADS + kvh  # [PAD_BS]
+                k = k * tl.load(ks_ptr + sc, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+                v = v * tl.load(vs_ptr + sc, mask=t_ok, other=0.0).to(tl.float32)[:, None]
 
             # G is small and decode is memory bound: broadcast-multiply-sum, not tl.dot (M >= 16)
             # the cast keeps s fp32 when Inductor passes the Python-float scale as fp64
@@ -115,6 +122,28 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q [B, H, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
     (padded with 0); ctx_lens [B] (each >= 1). Returns [B, H, D] in q.dtype.
     """
+    return _launch(q, k_cache, v_cache, None, None, block_tables, ctx_lens, scale)
+
+
+def paged_decode_attention_quantized(q: torch.Tensor, k_pool, v_pool, block_tables: torch.Tensor,
+                                     ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The same over QuantizedKVPools (quant/kv.py): each K/V row read as codes * its scale."""
+    for pool in (k_pool, v_pool):
+        if not pool.scale.is_contiguous():
+            raise ValueError("the KV pools' scales must be contiguous [num_blocks, block_size, Hkv]")
+    return _launch(q, k_pool.data, v_pool.data, k_pool.scale, v_pool.scale, block_tables, ctx_lens, scale)
+
+
+def quantized_available(device: torch.device | str, kind: str) -> bool:
+    """Whether paged_decode_attention_quantized reads `kind` ("int8" | "fp8") codes on `device`:
+    Triton loads e4m3 codes on sm89+ only."""
+    device = torch.device(device)
+    if not available(device):
+        return False
+    return kind == "int8" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def _launch(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, scale: float) -> torch.Tensor:
     if not _HAS_TRITON:
         raise RuntimeError("triton is not installed; use paged._decode_attention instead")
     b, h, d = q.shape
@@ -126,16 +155,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q)  # [B, H, D]
     if b == 0:
         return out
+    quantized = k_scale is not None
     grid = (b, hkv)
     _paged_decode_kernel[grid](
         q, k_cache, v_cache, block_tables, ctx_lens, out,
+        k_scale if quantized else q, v_scale if quantized else q,  # unread when not QUANTIZED
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(), *v_cache.stride(),
         block_tables.stride(0), block_tables.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        G=g, HEAD_DIM=d, BLOCK_SIZE=bs,
+        G=g, HEAD_DIM=d, BLOCK_SIZE=bs, NUM_KV_HEADS=hkv,
         PAD_G=triton.next_power_of_2(g), PAD_D=triton.next_power_of_2(d),
-        PAD_BS=triton.next_power_of_2(bs),
+        PAD_BS=triton.next_power_of_2(bs), QUANTIZED=quantized,
     )
     return out

@@ -103,22 +103,19 @@ def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch
         sizing = dc_replace(local, num_kv_heads=most, num_heads=most * (local.num_heads // local.num_kv_heads))
     num_blocks = num_blocks_for(sizing, cache, dtype, kv_dtype)
     graphs = config.cuda_graphs
-    if graphs is None:  # wherever they can run
-        from tokenmill.attention import triton_decode
+    if graphs is None or graphs:
+        from tokenmill.worker import cuda_graphs
 
-        graphs = tp is None and device.type == "cuda" and kv_dtype == "auto" and triton_decode.available(device)
-    if graphs and (tp is not None or device.type != "cuda" or kv_dtype != "auto"):
-        raise ConfigError("cuda_graphs needs one CUDA device (no tensor parallelism) and an unquantized KV "
-                          f"cache; got device {device}, tensor_parallel_size {config.tensor_parallel_size}, "
-                          f"kv_cache_dtype {kv_dtype}")
+        possible = tp is None and cuda_graphs.usable(device, kv_dtype)
+        if graphs and not possible:
+            raise ConfigError("cuda_graphs needs one CUDA device (no tensor parallelism), Triton, and a KV cache "
+                              f"its decode kernel reads (auto, int8; fp8 on sm89+); got device {device}, "
+                              f"tensor_parallel_size {config.tensor_parallel_size}, kv_cache_dtype {kv_dtype}")
+        graphs = possible  # None: wherever they can run
     # with graphs, one extra block that no request owns takes the padding rows' K/V
     kv_caches = allocate_kv_caches(local, num_blocks + int(graphs), cache.block_size, dtype, device, kv_dtype)
     runner = ModelRunner(loaded.model, kv_caches, cache.block_size, device, config.compile)
     if graphs:
-        from tokenmill.worker import cuda_graphs
-
-        if not cuda_graphs.usable(device, kv_caches):
-            raise ConfigError("cuda_graphs needs the Triton decode kernel: pip install triton")
         max_len = min(config.scheduler.max_model_len, loaded.config.max_position_embeddings,
                       num_blocks * cache.block_size)
         runner.cuda_graphs = cuda_graphs.CudaGraphDecoder(loaded.model, kv_caches, cache.block_size, max_len,

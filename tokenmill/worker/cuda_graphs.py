@@ -39,10 +39,12 @@ log = logging.getLogger("tokenmill")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def usable(device: torch.device, kv_caches: list) -> bool:
-    """Graphs need CUDA, plain KV pools and the Triton decode kernel."""
-    return (device.type == "cuda" and triton_decode.available(device)
-            and all(isinstance(k, torch.Tensor) for k, _ in kv_caches))
+def usable(device: torch.device, kv_cache_dtype: str) -> bool:
+    """Graphs need CUDA and a Triton decode kernel for the KV cache: a plain pool, or codes it
+    reads (attention/triton_decode.py)."""
+    if device.type != "cuda" or not triton_decode.available(device):
+        return False
+    return kv_cache_dtype == "auto" or triton_decode.quantized_available(device, kv_cache_dtype)
 
 
 class CudaGraphDecoder:
