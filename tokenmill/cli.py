@@ -43,7 +43,7 @@ TP = typer.Option(1, "--tensor-parallel-size", "-tp", help="split every layer ov
 COMPILE = typer.Option(False, "--compile", help="torch.compile the decode step (compiles at start-up)")
 CUDA_GRAPHS = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
                            help="replay decode steps as CUDA graphs; default: on wherever they can run "
-                           "(one CUDA device, a plain KV cache)")
+                           "(one CUDA device, a KV cache of auto or int8; fp8 on sm89+)")
 LOAD_FORMAT = typer.Option("auto", "--load-format", help="auto | dummy (random weights of the model's shape: "
                            "a catalog id such as llama-3-8b, a config.json directory or a GGUF header)")
 

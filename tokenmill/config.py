@@ -143,7 +143,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks each layer is split over (tokenmill/distributed/)
     load_format: str = "auto"  # auto (read the weights) | dummy (random weights; loader/dummy.py)
     # replay decode steps as captured CUDA graphs (worker/cuda_graphs.py); None = wherever they
-    # can run (one CUDA device, a plain KV cache, Triton), as vLLM does unless told to stay eager
+    # can run (one CUDA device, Triton, a KV cache its decode kernel reads), as vLLM does unless
+    # told to stay eager
     cuda_graphs: bool | None = None
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -103,7 +103,7 @@ def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch
         sizing = dc_replace(local, num_kv_heads=most, num_heads=most * (local.num_heads // local.num_kv_heads))
     num_blocks = num_blocks_for(sizing, cache, dtype, kv_dtype)
     graphs = config.cuda_graphs
-    if graphs is None or graphs:
+    if graphs is not False:  # None (wherever they can run) or True (asked for)
         from tokenmill.worker import cuda_graphs
 
         possible = tp is None and cuda_graphs.usable(device, kv_dtype)
@@ -111,7 +111,7 @@ def load_shard(config: EngineConfig, model_path, quantization: str, dtype: torch
             raise ConfigError("cuda_graphs needs one CUDA device (no tensor parallelism), Triton, and a KV cache "
                               f"its decode kernel reads (auto, int8; fp8 on sm89+); got device {device}, "
                               f"tensor_parallel_size {config.tensor_parallel_size}, kv_cache_dtype {kv_dtype}")
-        graphs = possible  # None: wherever they can run
+        graphs = possible
     # with graphs, one extra block that no request owns takes the padding rows' K/V
     kv_caches = allocate_kv_caches(local, num_blocks + int(graphs), cache.block_size, dtype, device, kv_dtype)
     runner = ModelRunner(loaded.model, kv_caches, cache.block_size, device, config.compile)

@@ -7,8 +7,8 @@
 Built with torch's extension builder (g++ and ninja; `-O3 -march=native`, so the code is tuned to
 the CPU it runs on; one build per kind of CPU) into torch's extension cache (~10 s once;
 TORCH_EXTENSIONS_DIR moves it) and loaded as torch ops, which torch.compile graphs call like any
-aten op (a fake implementation below gives their output shapes). Where no compiler is found, or TOKENMILL_CPU_KERNELS=0, the
-torch reference runs instead; the engine logs which.
+aten op (a fake implementation below gives their output shapes). Where no compiler is found, or
+TOKENMILL_CPU_KERNELS=0, the torch code runs instead; the engine logs which.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def load() -> bool:
         return _loaded
     _loaded = False
     if os.environ.get(ENV_SWITCH, "1") == "0":
-        log.info("C++ CPU kernels off (%s=0): attention runs the torch reference", ENV_SWITCH)
+        log.info("C++ CPU kernels off (%s=0): attention, norms and RoPE run the torch code", ENV_SWITCH)
         return False
     try:
         from torch.utils import cpp_extension
@@ -82,7 +82,7 @@ def load() -> bool:
 
 
 def _unavailable(why: str) -> bool:
-    log.warning("C++ CPU kernels unavailable (%s); attention runs the torch reference", why)
+    log.warning("C++ CPU kernels unavailable (%s); attention, norms and RoPE run the torch code", why)
     return False
 
 

@@ -17,8 +17,9 @@ of two, chosen when the layer is built by TOKENMILL_CUDA_INT4:
   - `tinygemm` (default): `aten._weight_int4pack_mm` (sm80+) over
     `aten._convert_weight_to_int4pack`, an opaque tile layout (layers stay unfused);
   - `triton`: quant/triton_int4.py (its own layout, fusable). On an H200 (8B shapes, group 32)
-    it matched tinygemm at M = 1 and ran 2-7x faster from M = 16 (batched decode, prefill),
-    where tinygemm falls far behind bf16; not yet measured inside the engine, hence opt-in.
+    it was ~25% slower than tinygemm per layer at M = 1 (most of it on the qkv shape) and
+    1.3-7x faster from M = 16 (batched decode, prefill), where tinygemm falls far behind bf16;
+    not yet measured inside the engine, hence opt-in.
 The kernel runs at every M: unpacking to bf16 for a dense GEMM measured slower on CPU
 (base.dense_min_tokens).
 """

@@ -103,7 +103,7 @@ class ModelRunner:
         self.compiled_groups: list | None = None  # (compiled LayerGroup, its layer count)
         self.cuda_graphs = None  # a CudaGraphDecoder (worker/cuda_graphs.py) when enabled
         if device.type == "cpu":
-            cpu_kernels.load()  # the fused decode attention (built on first use; else the torch reference)
+            cpu_kernels.load()  # decode attention, norms, RoPE (built on first use; else the torch code)
         if compile_decode:
             self._compile_decode()
 
