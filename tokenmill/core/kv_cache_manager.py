@@ -28,6 +28,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[BlockHash]] = {}  # hashes of the request's full blocks
+        self._offered: dict[str, int] = {}  # leading table blocks already offered to the prefix cache
 
     def get_block_table(self, request_id: str) -> list[int]:
         return self.block_tables.get(request_id, [])
@@ -86,10 +87,14 @@ class KVCacheManager:
         if self.enable_prefix_caching:
             # only blocks whose tokens are all known and computed by the end of this step:
             # the chain may already be longer (find_cached_prefix hashes the whole prompt)
+            # (each block once: re-offering a running request's whole table every step cost
+            # ~0.2 ms per step at batch 64)
             known = min(total, request.num_tokens)
-            hashes = self._hash_blocks(request, known)[: known // self.block_size]
-            for block_id, h in zip(table, hashes):
-                self.pool.cache(block_id, h)
+            hashes = self._hash_blocks(request, known)
+            n_full = known // self.block_size
+            for i in range(self._offered.get(request.request_id, 0), n_full):
+                self.pool.cache(table[i], hashes[i])
+            self._offered[request.request_id] = max(n_full, self._offered.get(request.request_id, 0))
         return True
 
     def trim(self, request: Request) -> int:
@@ -110,6 +115,8 @@ class KVCacheManager:
             return 0
         dropped = table[keep:]
         del table[keep:]
+        if self._offered.get(request.request_id, 0) > keep:  # (never: hashed blocks hold computed tokens)
+            self._offered[request.request_id] = keep
         self.pool.free(reversed(dropped))
         return len(dropped)
 
@@ -117,6 +124,7 @@ class KVCacheManager:
         """Release the request's blocks (tail first) and forget its table. Idempotent."""
         table = self.block_tables.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
+        self._offered.pop(request.request_id, None)
         if table:
             self.pool.free(reversed(table))
 
