@@ -226,25 +226,75 @@ def test_two_ranks_with_the_compiled_decode_step(llm):
         tp.engine.shutdown()
 
 
-def test_torchrun_launch_generates_what_one_rank_does(llm):
-    """The README's torchrun path on one node: rank 0 runs `generate`, rank 1 the worker loop;
-    both exit 0 and the text is the single-rank greedy text."""
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-nodes"])
+def test_torchrun_launch_generates_what_one_rank_does(llm, nodes):
+    """The README's torchrun path: on one node (two processes), and as two nodes (one torchrun
+    per node, one process each, rendezvous over TCP as between machines; gloo carries every
+    collective since no shared memory spans them). Rank 0 runs `generate`, rank 1 the worker
+    loop; every torchrun exits 0 and the text is the single-rank greedy text."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     prompt = PROMPTS[0]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(port),
-           "-m", "tokenmill.cli", "generate", prompt, "--max-tokens", "16", "--tensor-parallel-size", "2",
-           "--quantization", "none", "--dtype", "float32", "--device", "cpu", "--kv-cache-memory-gb", "0.1",
-           "--no-stream"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
-                          env=os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def torchrun(node_rank: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+                "--nproc-per-node", str(2 // nodes), "--node-rank", str(node_rank), "--master-addr", "127.0.0.1",
+                "--master-port", str(port), "-m", "tokenmill.cli", "generate", prompt, "--max-tokens", "16",
+                "--tensor-parallel-size", "2", "--quantization", "none", "--dtype", "float32", "--device", "cpu",
+                "--kv-cache-memory-gb", "0.1", "--no-stream"]
+
+    env = os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"}
+    others = [subprocess.Popen(torchrun(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env=env) for r in range(1, nodes)]
+    try:
+        proc = subprocess.run(torchrun(0), capture_output=True, text=True, cwd=ROOT, timeout=300, check=False, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for other in others:
+            _, err = other.communicate(timeout=60)
+            assert other.returncode == 0, err[-3000:]
+    finally:
+        for other in others:
+            other.kill()
     ref = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0), use_progress=False)[0]
     assert ref.outputs[0].text.strip() in proc.stdout, (proc.stdout, ref.outputs[0].text)
+
+
+def test_a_rank_killed_on_another_node_stops_generate_with_a_clear_error():
+    """Two torchrun nodes; SIGKILL node 1's rank while node 0 decodes a long output: node 0's
+    command exits within seconds with one line saying a rank died (no process watchdog spans
+    machines: the collective in flight fails when the peer's socket closes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def torchrun(node_rank: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                "-m", "tokenmill.cli", "generate", "Once upon a time", "--max-tokens", "1500", "--ignore-eos",
+                "--tensor-parallel-size", "2", "--quantization", "none", "--dtype", "float32", "--device", "cpu",
+                "--kv-cache-memory-gb", "0.1"]
+
+    env = os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"}
+    nodes = [subprocess.Popen(torchrun(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=env) for r in (1, 0)]
+    try:
+        assert nodes[1].stdout.read(20)  # node 0 is decoding
+        (rank1,) = Path(f"/proc/{nodes[0].pid}/task/{nodes[0].pid}/children").read_text().split()
+        os.kill(int(rank1), signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = nodes[1].communicate(timeout=60)
+        assert time.monotonic() - t0 < 15
+    finally:
+        for p in nodes:
+            p.kill()
+            p.communicate()
+    assert nodes[1].returncode == 1
+    assert "error: a tensor-parallel rank died (Connection" in err, err[-2000:]  # closed or reset by peer
 
 
 def test_an_impossible_split_is_refused_before_any_worker_starts():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +80,17 @@ class TPGroup:
         return box[0]
 
 
+_PEER_GONE = re.compile(r"(Connection closed by peer \S+?|Connection reset by peer|Broken pipe)[.,]?(\s|$)")
+
+
 def _guard(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except RuntimeError as e:
-        if "closed by peer" in str(e) or "Connection reset" in str(e) or "Broken pipe" in str(e):
-            raise WorkerDiedError(f"a tensor-parallel rank died ({str(e).splitlines()[0][-120:]})") from None
+        gone = _PEER_GONE.search(str(e))
+        if gone:  # e.g. gloo: "[.../pair.cc:553] Connection closed by peer [10.0.0.2]:18351. This is ..."
+            raise WorkerDiedError(f"a tensor-parallel rank died ({gone.group(1)}); the engine cannot "
+                                  "continue") from None
         raise
 
 
