@@ -5,8 +5,15 @@ that communicate (no module-global state): a model built without one runs on one
 
 Per decoder layer a forward does two all-reduces (after o_proj and after down_proj), plus one
 for the embedding lookup and one all-gather of the logits per step; rank 0 broadcasts each
-step's batch first (`broadcast_object`). A peer that dies closes its sockets and gloo raises
-at once in every collective; `WorkerDiedError` carries that to the engine.
+step's batch first (`broadcast_object`).
+
+Two groups: tensors go through the default group (NCCL or gloo), Python objects — each step's
+batch, start-up handshakes — through a gloo group of their own (`control`). An idle server's
+workers wait for the next batch there, on sockets, for as long as it stays idle; so the tensor
+group can keep a bounded timeout (a collective inside a step that waits minutes is a lost
+peer), and with NCCL the batch travels host to host instead of through device memory and a
+sync. A peer that dies closes its sockets and gloo raises at once; `WorkerDiedError` carries
+that to the engine.
 """
 
 from __future__ import annotations
@@ -26,8 +33,12 @@ class WorkerDiedError(RuntimeError):
     """A tensor-parallel rank is gone; the engine cannot continue."""
 
 
-# an idle server waits in a broadcast for its next step: no timeout short enough to fire then
-COLLECTIVE_TIMEOUT = datetime.timedelta(days=7)
+# an idle server waits in the control group's broadcast for its next step: no timeout short
+# enough to fire then
+CONTROL_TIMEOUT = datetime.timedelta(days=7)
+# a tensor collective runs inside a step, where every rank is busy with the same forward; the
+# longest legitimate wait is a peer still compiling at start-up
+TENSOR_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class TPGroup:
     size: int
     device: torch.device
     shm: ShmGroup | None = None
+    control: dist.ProcessGroup | None = None  # gloo, for Python objects (None: the default group)
 
     # the collectives run eagerly inside a compiled decode step (a graph break each): dynamo
     # cannot trace the shared-memory waits or gloo
@@ -65,7 +77,7 @@ class TPGroup:
     def all_gather_object(self, obj) -> list:
         """Every rank's `obj`, in rank order."""
         out = [None] * self.size
-        _guard(dist.all_gather_object, out, obj)
+        _guard(dist.all_gather_object, out, obj, group=self.control)
         return out
 
     def broadcast_object(self, obj=None):
@@ -76,7 +88,7 @@ class TPGroup:
             except ValueError:  # larger than a slot (every rank learns so together)
                 pass
         box = [obj]
-        _guard(dist.broadcast_object_list, box, src=0)
+        _guard(dist.broadcast_object_list, box, src=0, group=self.control)
         return box[0]
 
 
@@ -100,8 +112,9 @@ def init_group(rank: int, size: int, device: torch.device, master_addr: str | No
     if master_addr is not None:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
-    return TPGroup(rank, size, device, shm)
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=TENSOR_TIMEOUT)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return TPGroup(rank, size, device, shm, control)
 
 
 def launched_by_torchrun() -> bool:

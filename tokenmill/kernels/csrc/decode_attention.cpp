@@ -8,17 +8,29 @@
 //
 // The torch reference gathers every block of the padded table into a dense copy, then runs two
 // batched matmuls and a softmax (~10 kernel launches and two copies per layer). Here one call
-// streams the rows once: for each token, one contiguous read of its K row (all KV heads the
-// work item owns), the dot products of all H query heads against it (GQA: head h reads kv head
-// h / G), then a softmax per head, then one pass over the V rows accumulating p * v.
+// streams the rows once, one KV head at a time, in tiles of 16 tokens; the G query heads that
+// share the KV head (GQA) are computed together, so each row is read and widened once:
+//
+//   1. scores   per tile: widen the 16 K rows to float32 (a small buffer, [16, Dp]); for each
+//               query head, 16 D-long products q * k_t kept as 16-lane vectors, then folded into
+//               one vector holding the 16 dot products (`sum_lanes`): a few shuffles per 16
+//               tokens instead of one horizontal sum per token and head.
+//   2. softmax  per query head over the context (max, exp, sum).
+//   3. values   per tile: widen the 16 V rows likewise; every query head keeps its output row in
+//               registers (`accumulate_values`) while the tile's tokens are added as p_t * v_t.
+//
 // Arithmetic is float32, as in the reference; the output is cast to q's dtype.
 //
 // Work items: one request, or (request, slice of KV heads) when there are fewer requests than
 // threads and the context is long, so one long request still uses every core.
 //
 // Quantized pools (quant/kv.py: int8 or fp8 codes [blocks, block_size, Hkv, D] with a bf16 scale
-// per token and KV head) are read the same way, each row widened as codes * scale: no
-// dequantized copy of the context is made.
+// per token and KV head) are read the same way: the codes are widened as they are, and each
+// token's scale multiplies its score (K) or its probability (V), never the D values of its row:
+// no dequantized copy of the context is made.
+//
+// The vectors are GCC/Clang vector extensions (16 floats: one AVX-512 register, two AVX2 or four
+// NEON ones), so one code path serves every CPU that `-march=native` builds for.
 //
 // Schemas (registered below; the fakes for torch.compile are in kernels/cpu.py):
 //   tokenmill::paged_decode_attention(Tensor q [B, H, D], Tensor k_cache, Tensor v_cache,
@@ -38,102 +50,305 @@
 
 namespace {
 
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+constexpr int64_t L = 16;  // floats per Vec, and tokens per tile
+typedef float Vec __attribute__((vector_size(L * sizeof(float))));
+typedef int32_t VecIndex __attribute__((vector_size(L * sizeof(int32_t))));
+
+inline Vec load(const float* p) {  // unaligned; memcpy is the portable spelling of one vector load
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+#if defined(__clang__)
+#define TM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define TM_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, VecIndex{__VA_ARGS__})
+#endif
+
+// Fold a and b to half their width each and pack them: chunks of w lanes, a's even chunks beside
+// b's plus a's odd chunks beside b's (lane indices 16.. are b's):
+//     w = 4:  [a0-3 b0-3 a8-11 b8-11] + [a4-7 b4-7 a12-15 b12-15]
+inline Vec fold8(Vec a, Vec b) {
+  return TM_SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         TM_SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+inline Vec fold4(Vec a, Vec b) {
+  return TM_SHUFFLE(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         TM_SHUFFLE(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline Vec fold2(Vec a, Vec b) {
+  return TM_SHUFFLE(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         TM_SHUFFLE(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline Vec fold1(Vec a, Vec b) {
+  return TM_SHUFFLE(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         TM_SHUFFLE(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
 
-template <>
-inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
-  // bf16 is the top half of a float32: widen the bits (vectorizes, unlike the scalar cast)
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+// Lane i of the result = the sum of the 16 lanes of v[i]. Four rounds, each pairing vector i
+// with vector i + n/2 of the n left: after round one, vector i holds 8-lane partial sums of
+// tokens i and i + 8; after two, 4-lane ones of i, i + 4, i + 8, i + 12; ... and after four,
+// the 16 sums in order. 15 adds and 30 shuffles for 16 dot products.
+inline Vec sum_lanes(const Vec v[L]) {
+  Vec a[8], b[4];
+  for (int i = 0; i < 8; ++i) a[i] = fold8(v[i], v[i + 8]);
+  for (int i = 0; i < 4; ++i) b[i] = fold4(a[i], a[i + 4]);
+  return fold1(fold2(b[0], b[2]), fold2(b[1], b[3]));
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+inline Vec max(Vec a, Vec b) { return a > b ? a : b; }  // b where either is NaN
+inline float max_lane(Vec v) {
+  float m = v[0];
+  for (int i = 1; i < L; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float sum_lane(Vec v) {
   float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int i = 0; i < L; ++i) s += v[i];
   return s;
 }
 
-// A pool's token rows widened to float32: kv heads [kv0, kv0 + n) of the row at `slot`.
+// exp(x) per lane, within ~2 ulp of std::exp, 0 below -87.3 (where float32 leaves the normal range):
+//     x = n ln2 + r, n = round(x / ln2), |r| <= ln2 / 2;  exp(x) = 2^n exp(r)
+// with exp(r) its Taylor polynomial to r^7 (truncation error < 2e-8 relative, under the rounding
+// error of float32) and 2^n built in the exponent bits. Vectorizes; std::exp does not here.
+inline Vec exp(Vec x) {
+  const Vec hi = Vec{} + 88.3f, lo = Vec{} - 87.3f;
+  const Vec xc = x > hi ? hi : (x < lo ? lo : x);  // NaN passes through
+  const Vec round = Vec{} + 12582912.f;            // 1.5 * 2^23: adding it rounds to an integer
+  const Vec n = (xc * 1.44269504f + round) - round;
+  const Vec r = (xc - n * 0.693145752f) - n * 1.42860682e-6f;  // ln2 in two parts: n * ln2 exact
+  Vec p = Vec{} + 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const VecIndex bits = (__builtin_convertvector(n, VecIndex) + 127) << 23;  // 2^n, n in [-126, 127]
+  Vec two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  const Vec e = p * two_n;
+  return x < lo ? Vec{} : e;
+}
+
+// One pool value as float32, written with integer and float operations only, so that the loop
+// in `widen` vectorizes for every type (c10's casts are scalar code for bf16, fp16 and fp8).
+inline float to_float(float x) { return x; }
+inline float to_float(double x) { return static_cast<float>(x); }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+inline float from_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float to_float(c10::BFloat16 x) { return from_bits(static_cast<uint32_t>(x.x) << 16); }  // a float's top half
+// fp16 s.eeeee.mmmmmmmmmm and e4m3fn s.eeee.mmm: the exponent and mantissa bits moved to the low
+// exponent and top mantissa bits of a float32 read as 2^(e - 127) * 1.m (the subnormal 2^-126 * 0.m
+// where e = 0, as the small format's own subnormals); times 2^(127 - bias) that is the value.
+inline float to_float(c10::Half x) {
+  const uint32_t h = x.x, em = h & 0x7fff;
+  const float f = from_bits(((h & 0x8000) << 16) | (em << 13)) * 0x1p112f;
+  return em >= 0x7c00 ? from_bits(((h & 0x8000) << 16) | 0x7f800000 | ((h & 0x3ff) << 13)) : f;  // inf, NaN
+}
+inline float to_float(c10::Float8_e4m3fn x) {
+  const uint32_t c = x.x, em = c & 0x7f;
+  const float f = from_bits(((c & 0x80) << 24) | (em << 20)) * 0x1p120f;
+  return em == 0x7f ? NAN : f;  // e4m3fn has no infinities; s.1111.111 is NaN
+}
+
+// Widen n pool values to float32.
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// A pool's rows: the D values of (slot, kv head), widened, and the factor that makes them real
+// values (1 for a plain pool; applied per token by the caller).
 template <typename T>
 struct PlainRows {
+  static constexpr bool kScaled = false;
   const T* data;
   int64_t hkv, d;
-  void load(int64_t slot, int64_t kv0, int64_t n, float* dst) const {
-    to_float(data + (slot * hkv + kv0) * d, dst, n * d);
-  }
+  void load(int64_t slot, int64_t head, float* dst) const { widen(data + (slot * hkv + head) * d, dst, d); }
+  float factor(int64_t, int64_t) const { return 1.f; }
 };
 
 template <typename C>
 struct QuantizedRows {  // codes * the bf16 scale of their (slot, kv head)
+  static constexpr bool kScaled = true;
   const C* codes;
   const c10::BFloat16* scale;
   int64_t hkv, d;
-  void load(int64_t slot, int64_t kv0, int64_t n, float* dst) const {
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t head = slot * hkv + kv0 + j;
-      const float sc = static_cast<float>(scale[head]);
-      const C* c = codes + head * d;
-      float* o = dst + j * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<float>(c[i]) * sc;
-    }
-  }
+  void load(int64_t slot, int64_t head, float* dst) const { widen(codes + (slot * hkv + head) * d, dst, d); }
+  float factor(int64_t slot, int64_t head) const { return static_cast<float>(scale[slot * hkv + head]); }
 };
 
 struct Shape {
   int64_t H, Hkv, D, block_size, width;
 };
 
-// Request b, kv heads [kv0, kv1) and their query heads. Buffers are the caller's (per thread).
+// What one work item reads and computes: kv heads [kv0, kv0 + nkv) of one request, their
+// nkv * G query heads, head dim D padded to Dp (a multiple of L; the padding lanes stay zero).
+struct Item {
+  int64_t kv0, nkv, G, D, Dp;
+  int64_t row() const { return nkv * Dp; }  // floats per token row of a tile
+};
+
+// Tokens [t0, t0 + n), n <= L, of one request: their rows widened into tile [n, nkv, Dp] and,
+// for a quantized pool, their scales into factor [nkv, L]. Rows n.. keep what they held.
+template <typename Rows>
+void load_tile(const Rows& rows, const int64_t* table, int64_t block_size, const Item& it, int64_t t0,
+               int64_t n, float* tile, float* factor) {
+  int64_t blk = t0 / block_size, off = t0 % block_size;  // walk the table, no division per token
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t slot = table[blk] * block_size + off;
+    for (int64_t j = 0; j < it.nkv; ++j) {
+      rows.load(slot, it.kv0 + j, tile + t * it.row() + j * it.Dp);
+      if constexpr (Rows::kScaled) factor[j * L + t] = rows.factor(slot, it.kv0 + j);
+    }
+    if (++off == block_size) off = 0, ++blk;
+  }
+}
+
+// scores[g, 0:16] = q_g . k_t for the 16 tokens of a tile and G query heads, k_t = kt[t * row:]
+// (D padded to Dp). Per head: 16 accumulators part[t] gather q_g * k_t over the row's 16-lane
+// slices, then `sum_lanes` folds them into one vector of the 16 dot products.
+inline void score_tile(const float* q, const float* kt, int64_t row, int64_t G, int64_t Dp, Vec mult,
+                       float* scores, int64_t scores_stride) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * Dp;
+    Vec part[L] = {};
+    for (int64_t c = 0; c < Dp; c += L) {
+      const Vec qc = load(qg + c);
+      for (int64_t t = 0; t < L; ++t) part[t] += qc * load(kt + t * row + c);
+    }
+    store(scores + g * scores_stride, sum_lanes(part) * mult);
+  }
+}
+
+// acc[g, :] += sum_t w[g, t] * v_t for t < n and NG query heads, v_t = vt[t * row:] (w rows
+// `w_stride` apart). The NG x 4 vectors of 64 output lanes stay in registers over the tile's
+// tokens, each v_t slice loaded once for the NG heads; a last slice of 16 lanes likewise.
+template <int NG>
+void accumulate_values(const float* vt, int64_t row, int64_t n, int64_t Dp, const float* w, int64_t w_stride,
+                       float* acc) {
+  int64_t c = 0;
+  for (; c + 4 * L <= Dp; c += 4 * L) {
+    Vec a[NG][4];
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < 4; ++i) a[g][i] = load(acc + g * Dp + c + i * L);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* v = vt + t * row + c;
+      const Vec v0 = load(v), v1 = load(v + L), v2 = load(v + 2 * L), v3 = load(v + 3 * L);
+      for (int g = 0; g < NG; ++g) {
+        const float p = w[g * w_stride + t];
+        a[g][0] += p * v0, a[g][1] += p * v1, a[g][2] += p * v2, a[g][3] += p * v3;
+      }
+    }
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < 4; ++i) store(acc + g * Dp + c + i * L, a[g][i]);
+  }
+  for (; c < Dp; c += L) {
+    Vec a[NG];
+    for (int g = 0; g < NG; ++g) a[g] = load(acc + g * Dp + c);
+    for (int64_t t = 0; t < n; ++t) {
+      const Vec v = load(vt + t * row + c);
+      for (int g = 0; g < NG; ++g) a[g] += w[g * w_stride + t] * v;
+    }
+    for (int g = 0; g < NG; ++g) store(acc + g * Dp + c, a[g]);
+  }
+}
+
+// Per-thread buffers, reused across work items; nh = nkv * G query heads.
+struct Scratch {
+  std::vector<float> q;       // [nh, Dp]            the query heads, zero past D
+  std::vector<float> scores;  // [nh, ctx_pad]       scores, then probabilities (ctx_pad: ctx rounded up to L)
+  std::vector<float> tile;    // [L, nkv, Dp]        one tile of K or V rows, zero past D
+  std::vector<float> factor;  // [nkv, L]            a tile's scales (quantized pools)
+  std::vector<float> w;       // [nh, L]             a tile's probabilities times its V scales (quantized)
+  std::vector<float> acc;     // [nh, Dp]            the output rows
+  std::vector<float> inv;     // [nh]                1 / the sum of each head's probabilities
+};
+
+// Request b, kv heads [kv0, kv1) and their query heads: the three passes of the header above.
 template <typename T, typename Rows>
 void attend(const T* q, const Rows& kc, const Rows& vc, const int64_t* table, int64_t ctx, T* out,
-            const Shape& s, float scale, int64_t kv0, int64_t kv1, std::vector<float>& qf,
-            std::vector<float>& acc, std::vector<float>& row, std::vector<float>& scores) {
-  const int64_t G = s.H / s.Hkv, D = s.D;
-  const int64_t h0 = kv0 * G, nh = (kv1 - kv0) * G;  // query heads of this item
-  const int64_t span = (kv1 - kv0) * D;
-  qf.resize(nh * D);
-  acc.assign(nh * D, 0.f);
-  row.resize(span);
-  scores.resize(nh * ctx);
-  to_float(q + h0 * D, qf.data(), nh * D);
-  auto slot = [&](int64_t t) { return table[t / s.block_size] * s.block_size + t % s.block_size; };
-  // scores[h, t] = q_h . k_t * scale
-  for (int64_t t = 0; t < ctx; ++t) {
-    kc.load(slot(t), kv0, kv1 - kv0, row.data());
-    for (int64_t h = 0; h < nh; ++h) scores[h * ctx + t] = dot(qf.data() + h * D, row.data() + (h / G) * D, D) * scale;
-  }
-  for (int64_t h = 0; h < nh; ++h) {  // softmax over t, per head
-    float* sh = scores.data() + h * ctx;
-    float m = -INFINITY;
-    for (int64_t t = 0; t < ctx; ++t) m = std::max(m, sh[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < ctx; ++t) {
-      sh[t] = std::exp(sh[t] - m);
-      sum += sh[t];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t t = 0; t < ctx; ++t) sh[t] *= inv;
-  }
-  // acc[h] = sum_t p[h, t] * v_t
-  for (int64_t t = 0; t < ctx; ++t) {
-    vc.load(slot(t), kv0, kv1 - kv0, row.data());
-    for (int64_t h = 0; h < nh; ++h) {
-      const float p = scores[h * ctx + t];
-      const float* v = row.data() + (h / G) * D;
-      float* a = acc.data() + h * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+            const Shape& s, float scale, int64_t kv0, int64_t kv1, Scratch& b) {
+  const int64_t G = s.H / s.Hkv, D = s.D, Dp = (D + L - 1) / L * L;
+  const Item it{kv0, kv1 - kv0, G, D, Dp};
+  const int64_t nh = it.nkv * G, ctx_pad = (ctx + L - 1) / L * L, row = it.row();
+  b.q.assign(nh * Dp, 0.f);
+  b.scores.resize(nh * ctx_pad);
+  if (static_cast<int64_t>(b.tile.size()) != L * row) b.tile.assign(L * row, 0.f);
+  b.factor.assign(it.nkv * L, 0.f);
+  b.w.resize(nh * L);
+  b.acc.assign(nh * Dp, 0.f);
+  b.inv.resize(nh);
+  for (int64_t h = 0; h < nh; ++h) widen(q + (kv0 * G + h) * D, b.q.data() + h * Dp, D);
+
+  // 1. scores[h, t] = q_h . k_t * scale (* the K scale of t), 16 tokens at a time; rows n.. of a
+  //    last tile hold stale values, whose lanes are never read
+  for (int64_t t0 = 0; t0 < ctx; t0 += L) {
+    const int64_t n = std::min(L, ctx - t0);
+    load_tile(kc, table, s.block_size, it, t0, n, b.tile.data(), b.factor.data());
+    for (int64_t j = 0; j < it.nkv; ++j) {
+      const Vec mult = Rows::kScaled ? load(b.factor.data() + j * L) * scale : Vec{} + scale;
+      score_tile(b.q.data() + j * G * Dp, b.tile.data() + j * Dp, row, G, Dp, mult,
+                 b.scores.data() + j * G * ctx_pad + t0, ctx_pad);
     }
   }
-  for (int64_t i = 0; i < nh * D; ++i) out[h0 * D + i] = static_cast<T>(acc[i]);
+
+  // 2. softmax over t, per query head (left unnormalized: the output row is divided at the end);
+  //    lanes ctx.. of the last tile are stale: -inf there, so their exp is 0
+  for (int64_t h = 0; h < nh; ++h) {
+    float* sh = b.scores.data() + h * ctx_pad;
+    for (int64_t t = ctx; t < ctx_pad; ++t) sh[t] = -INFINITY;
+    Vec m = load(sh);
+    for (int64_t t = L; t < ctx_pad; t += L) m = max(m, load(sh + t));
+    const float top = max_lane(m);
+    Vec sum{};
+    for (int64_t t = 0; t < ctx_pad; t += L) {
+      const Vec p = exp(load(sh + t) - top);
+      store(sh + t, p);
+      sum += p;
+    }
+    b.inv[h] = 1.f / sum_lane(sum);
+  }
+
+  // 3. acc[h] = sum_t p[h, t] (* the V scale of t) * v_t, 16 tokens at a time, up to 4 query
+  //    heads of a kv head at once (their output rows stay in registers over a tile)
+  for (int64_t t0 = 0; t0 < ctx; t0 += L) {
+    const int64_t n = std::min(L, ctx - t0);
+    load_tile(vc, table, s.block_size, it, t0, n, b.tile.data(), b.factor.data());
+    const float* w = b.scores.data() + t0;
+    int64_t w_stride = ctx_pad;
+    if constexpr (Rows::kScaled) {  // w[h, t] = p[h, t] * scale_t
+      for (int64_t h = 0; h < nh; ++h)
+        for (int64_t t = 0; t < n; ++t) b.w[h * L + t] = w[h * ctx_pad + t] * b.factor[(h / G) * L + t];
+      w = b.w.data(), w_stride = L;
+    }
+    for (int64_t j = 0; j < it.nkv; ++j) {
+      const float* vt = b.tile.data() + j * Dp;
+      for (int64_t g = 0; g < G; g += 4) {
+        const int64_t h = j * G + g;
+        const float* wh = w + h * w_stride;
+        float* ah = b.acc.data() + h * Dp;
+        switch (std::min<int64_t>(4, G - g)) {
+          case 1: accumulate_values<1>(vt, row, n, Dp, wh, w_stride, ah); break;
+          case 2: accumulate_values<2>(vt, row, n, Dp, wh, w_stride, ah); break;
+          case 3: accumulate_values<3>(vt, row, n, Dp, wh, w_stride, ah); break;
+          default: accumulate_values<4>(vt, row, n, Dp, wh, w_stride, ah); break;
+        }
+      }
+    }
+  }
+  for (int64_t h = 0; h < nh; ++h)
+    for (int64_t d = 0; d < D; ++d) out[(kv0 * G + h) * D + d] = static_cast<T>(b.acc[h * Dp + d] * b.inv[h]);
 }
 
 template <typename T, typename Rows>
@@ -146,17 +361,16 @@ void decode(const T* q, const Rows& kc, const Rows& vc, const int64_t* tables, c
   const int64_t items = B * splits;
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, work / splits));
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, acc, row, scores;
+    Scratch scratch;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / splits, part = item % splits;
       const int64_t kv0 = s.Hkv * part / splits, kv1 = s.Hkv * (part + 1) / splits;
       if (lens[b] <= 0 || kv0 == kv1) continue;
       attend(q + b * s.H * s.D, kc, vc, tables + b * s.width, lens[b], out + b * s.H * s.D, s, scale, kv0, kv1,
-             qf, acc, row, scores);
+             scratch);
     }
   });
 }
-
 struct Checked {
   at::Tensor q, tables, lens;
   Shape s;
