@@ -15,6 +15,9 @@
    compile+graphs (both: the graphs replay the compiled layers).
    --profile adds, per row, what the GPU did in a batch-1 decode step (torch.profiler): kernel
    launches, summed kernel time against the step's wall time, and the top kernels.
+4. The Triton paged decode kernel alone (8B's heads, bf16 KV, block 16): µs per call and KV
+   GB/s at batch 1/8/64 and 256..8192 tokens of context, split-K (auto) against one range per
+   (request, kv head) program.
 Prints one table and writes JSON (after every row). Without CUDA it says so and exits 1.
 """
 
@@ -56,6 +59,43 @@ def measured_bandwidth_gbs(gib: float = 2.0, repeats: int = 10) -> float:
         times.append(time.perf_counter() - t0)
     del src, dst
     return 2 * n * 2 / statistics.median(times[2:]) / 1e9
+
+
+def attention_bench(peak: float, repeats: int = 50) -> list[dict]:
+    """Decode attention over paged bf16 KV (32 query / 8 KV heads of 128, block 16): µs per call
+    (median, L2 holds little of it beyond 256 tokens) with num_splits=1 and auto."""
+    from tokenmill.attention import triton_decode
+
+    rows = []
+    h, hkv, d, bs = 32, 8, 128, 16
+    for batch in (1, 8, 64):
+        for ctx in (256, 1024, 4096, 8192):
+            width = ctx // bs
+            k = torch.randn(batch * width + 1, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            q = torch.randn(batch, h, d, device="cuda", dtype=torch.bfloat16)
+            tables = (1 + torch.randperm(batch * width, device="cuda")).view(batch, width)
+            lens = torch.full((batch,), ctx, device="cuda", dtype=torch.long)
+            row = {"batch": batch, "ctx": ctx,
+                   "auto_splits": triton_decode.split_count(q.device, batch * hkv, width)}
+            for name, splits in (("one", 1), ("auto", None)):
+                times = []
+                for _ in range(repeats):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    triton_decode.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, splits)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) * 1e3)
+                us = statistics.median(times[5:])
+                row[f"{name}_us"] = us
+                row[f"{name}_gbs"] = 2 * batch * ctx * hkv * d * 2 / us / 1e3
+            rows.append(row)
+            print(f"decode attention batch {batch:3d} ctx {ctx:5d}: one range {row['one_us']:8.1f} us "
+                  f"({row['one_gbs']:5.0f} GB/s), {row['auto_splits']:2d} splits {row['auto_us']:8.1f} us "
+                  f"({row['auto_gbs']:5.0f} GB/s = {100 * row['auto_gbs'] / peak:3.0f}% of measured)", flush=True)
+            del k, v
+    return rows
 
 
 def profile_decode(llm, batch: int, steps: int = 20) -> dict:
@@ -153,6 +193,14 @@ def main() -> None:
     peak = measured_bandwidth_gbs()
     results["measured_gbs"] = peak
     print(f"{results['device']}: measured copy bandwidth {peak:.0f} GB/s", flush=True)
+
+    try:
+        results["attention"] = attention_bench(peak)
+    except Exception as e:  # noqa: BLE001 - report and go on to the models
+        results["attention"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        print(f"decode attention bench FAILED {results['attention']['error']}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
     tmp = Path(tempfile.mkdtemp(prefix="tokenmill-gpu-"))
     (tmp / "config.json").write_text(json.dumps(LLAMA_3_2_1B))

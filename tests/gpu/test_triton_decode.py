@@ -16,7 +16,8 @@ from tests.triton_interpreter import HAS_TRITON, run_in_interpreter
 from tokenmill.attention.paged import _decode_attention
 
 
-def check(b: int, hkv: int, g: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) -> None:
+def check(b: int, hkv: int, g: int, d: int, dtype: torch.dtype, device: str, seed: int = 0,
+          num_splits: int | None = None) -> None:
     from tokenmill.attention.triton_decode import available, paged_decode_attention
 
     assert available(torch.device(device))
@@ -24,13 +25,13 @@ def check(b: int, hkv: int, g: int, d: int, dtype: torch.dtype, device: str, see
     scale = d ** -0.5
     ref = _decode_attention(q, k, v, tables, ctx, scale)
     out = paged_decode_attention(q, poison_unused(k, tables, ctx), poison_unused(v, tables, ctx),
-                                 tables, ctx, scale)
+                                 tables, ctx, scale, num_splits)
     assert out.shape == ref.shape and out.dtype == q.dtype
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
 def check_quantized(b: int, hkv: int, g: int, d: int, dtype: torch.dtype, kind: str, device: str,
-                    seed: int = 0) -> None:
+                    seed: int = 0, num_splits: int | None = None) -> None:
     """QuantizedKVPools (int8 / e4m3 codes, bf16 scale per token and head) against the reference
     gather, which rounds the dequantized rows to the compute dtype first (its tolerance)."""
     from tokenmill.attention.triton_decode import paged_decode_attention_quantized
@@ -45,7 +46,7 @@ def check_quantized(b: int, hkv: int, g: int, d: int, dtype: torch.dtype, kind: 
     ref = _decode_attention(q, *pools, tables, ctx, d ** -0.5)
     for pool in pools:  # scales no request reaches are NaN: reading one would poison the output
         pool.scale = poison_unused(pool.scale, tables, ctx)
-    out = paged_decode_attention_quantized(q, *pools, tables, ctx, d ** -0.5)
+    out = paged_decode_attention_quantized(q, *pools, tables, ctx, d ** -0.5, num_splits)
     assert out.shape == ref.shape and out.dtype == q.dtype
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
@@ -66,6 +67,10 @@ def run_interpreter_cases() -> None:
         check(*case, device="cpu", seed=i)
     for i, case in enumerate(INTERPRETER_CASES[1:3] + INTERPRETER_CASES[4:]):  # int8 codes (e4m3: CUDA only)
         check_quantized(*case, "int8", device="cpu", seed=i)
+    # split-K: contexts of 1..6 blocks cut into 2, 3 or 8 ranges (8: some ranges always empty)
+    for i, (case, splits) in enumerate(zip(INTERPRETER_CASES, (2, 3, 8, 3, 8))):
+        check(*case, device="cpu", seed=100 + i, num_splits=splits)
+    check_quantized(*INTERPRETER_CASES[1], "int8", device="cpu", seed=200, num_splits=3)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -88,8 +93,9 @@ def test_unavailable_on_cpu_without_interpreter():
 @pytest.mark.parametrize("g", [1, 3])
 @pytest.mark.parametrize("b", [1, 3, 8])
 @pytest.mark.parametrize("d", [64, 128])
-def test_cuda_matches_reference(b, g, d, dtype):
-    check(b, 2, g, d, dtype, device="cuda", seed=b * 10 + g)
+@pytest.mark.parametrize("num_splits", [None, 1, 5], ids=["auto-splits", "1-split", "5-splits"])
+def test_cuda_matches_reference(b, g, d, dtype, num_splits):
+    check(b, 2, g, d, dtype, device="cuda", seed=b * 10 + g, num_splits=num_splits)
 
 
 @pytest.mark.gpu

@@ -22,6 +22,19 @@ per query head. G need not be a power of two: rows are padded to next_power_of_2
         m     = m'
     out[b, kvh*G : (kvh+1)*G] = acc / l
 
+Split-K (flash-decoding): with few requests, (request, kv head) programs are too few to keep
+the GPU busy (batch 1 of an 8B llama: 8 programs on 132 SMs, each walking its whole context
+serially). Then a third grid axis splits each request's blocks into `num_splits` contiguous
+ranges; each program writes its range's unnormalized partials (m, l, acc), and a second kernel
+merges them per query head:
+
+    M = max_s m_s;  w_s = exp2(m_s - M);  out = sum_s w_s * acc_s / sum_s w_s * l_s
+
+An empty range (a short context split many ways) leaves m = -inf, l = 0, acc = 0: weight 0.
+The ranges are cut per request from its own ctx_len on the device, so the split count is fixed
+per batch size (CUDA graphs capture it) while contexts grow. Compiled steps (--compile) do not
+split yet: their batch size is symbolic.
+
 Only blocks below cdiv(ctx_len, block_size) are visited, so the 0-padding of the table is never
 read, and every visited block holds at least one valid token, so m' is finite after the first
 block. Exponentials use exp2 with the scale folded into log2(e) * scale (same math, cheaper).
@@ -53,6 +66,8 @@ if _HAS_TRITON:
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr,
         ks_ptr, vs_ptr,  # QUANTIZED: bf16 scales [num_blocks, block_size, Hkv], contiguous
+        m_ptr, l_ptr, acc_ptr,  # SPLIT: fp32 partials [B, H, num_splits] and [B, H, num_splits, HEAD_DIM]
+        num_splits,
         qk_scale,  # scale * log2(e)
         stride_qb, stride_qh, stride_qd,
         stride_kn, stride_ks, stride_kh, stride_kd,
@@ -61,10 +76,19 @@ if _HAS_TRITON:
         stride_ob, stride_oh, stride_od,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
         PAD_G: tl.constexpr, PAD_D: tl.constexpr, PAD_BS: tl.constexpr, QUANTIZED: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         ctx_len = tl.load(ctx_ptr + b)
+        num_blocks = tl.cdiv(ctx_len, BLOCK_SIZE)
+        if SPLIT:  # this program's contiguous range of the request's blocks (maybe empty)
+            per_split = tl.cdiv(num_blocks, num_splits)
+            first = tl.program_id(2) * per_split
+            last = tl.minimum(first + per_split, num_blocks)
+        else:
+            first = 0
+            last = num_blocks
 
         g = tl.arange(0, PAD_G)  # [PAD_G]  query rows of this group
         d = tl.arange(0, PAD_D)  # [PAD_D]
@@ -81,8 +105,7 @@ if _HAS_TRITON:
         l_i = tl.zeros([PAD_G], dtype=tl.float32)
         acc = tl.zeros([PAD_G, PAD_D], dtype=tl.float32)
 
-        num_blocks = tl.cdiv(ctx_len, BLOCK_SIZE)
-        for n in range(num_blocks):
+        for n in range(first, last):
             blk = tl.load(bt_ptr + b * stride_btb + n * stride_btn).to(tl.int64)
             t_ok = (t < BLOCK_SIZE) & (n * BLOCK_SIZE + t < ctx_len)  # [PAD_BS]
             kv_mask = t_ok[:, None] & d_ok[None, :]  # [PAD_BS, PAD_D]
@@ -109,29 +132,76 @@ if _HAS_TRITON:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-        out = acc / l_i[:, None]
-        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        if SPLIT:
+            part = (b * (NUM_KV_HEADS * G) + heads) * num_splits + tl.program_id(2)  # [PAD_G]
+            tl.store(m_ptr + part, m_i, mask=g_ok)
+            tl.store(l_ptr + part, l_i, mask=g_ok)
+            tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=q_mask)
+        else:
+            out = acc / l_i[:, None]
+            o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+    @triton.jit
+    def _merge_splits_kernel(
+        m_ptr, l_ptr, acc_ptr, out_ptr, num_splits,
+        stride_ob, stride_oh, stride_od,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_S: tl.constexpr, PAD_D: tl.constexpr,
+    ):
+        """One program per (request, query head): the weighted sum of its splits' partials."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.arange(0, PAD_S)
+        d = tl.arange(0, PAD_D)
+        s_ok = sp < num_splits
+        d_ok = d < HEAD_DIM
+        part = (b * NUM_HEADS + h) * num_splits + sp  # [PAD_S]
+        m = tl.load(m_ptr + part, mask=s_ok, other=float("-inf"))
+        lsum = tl.load(l_ptr + part, mask=s_ok, other=0.0)
+        acc = tl.load(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                      other=0.0)  # [PAD_S, PAD_D]
+        w = tl.exp2(m - tl.max(m, axis=0))  # 0 for empty splits (m = -inf); split 0 is never empty
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * lsum, axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, out.to(out_ptr.dtype.element_ty),
+                 mask=d_ok)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, ctx_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, num_splits: int | None = None) -> torch.Tensor:
     """Same contract as paged._decode_attention, for plain tensor pools.
 
     q [B, H, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
-    (padded with 0); ctx_lens [B] (each >= 1). Returns [B, H, D] in q.dtype.
+    (padded with 0); ctx_lens [B] (each >= 1). Returns [B, H, D] in q.dtype. num_splits: how
+    many ranges each request's context is cut into (None: `split_count`).
     """
-    return _launch(q, k_cache, v_cache, None, None, block_tables, ctx_lens, scale)
+    return _launch(q, k_cache, v_cache, None, None, block_tables, ctx_lens, scale, num_splits)
 
 
 def paged_decode_attention_quantized(q: torch.Tensor, k_pool, v_pool, block_tables: torch.Tensor,
-                                     ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                                     ctx_lens: torch.Tensor, scale: float,
+                                     num_splits: int | None = None) -> torch.Tensor:
     """The same over QuantizedKVPools (quant/kv.py): each K/V row read as codes * its scale."""
     for pool in (k_pool, v_pool):
         if not pool.scale.is_contiguous():
             raise ValueError("the KV pools' scales must be contiguous [num_blocks, block_size, Hkv]")
-    return _launch(q, k_pool.data, v_pool.data, k_pool.scale, v_pool.scale, block_tables, ctx_lens, scale)
+    return _launch(q, k_pool.data, v_pool.data, k_pool.scale, v_pool.scale, block_tables, ctx_lens, scale,
+                   num_splits)
+
+
+MAX_SPLITS = 16
+MIN_BLOCKS_PER_SPLIT = 2  # below this a range's partials cost about what its blocks do
+
+
+def split_count(device: torch.device, programs: int, table_width: int) -> int:
+    """Ranges per request's context: enough (request, kv head, range) programs for about two per
+    SM, at most MAX_SPLITS, and none beyond what the table's width can fill. 1 off CUDA (the
+    interpreter) and when the batch alone fills the GPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-2 * sms // programs)
+    return max(1, min(want, MAX_SPLITS, table_width // MIN_BLOCKS_PER_SPLIT))
 
 
 def quantized_available(device: torch.device | str, kind: str) -> bool:
@@ -143,7 +213,8 @@ def quantized_available(device: torch.device | str, kind: str) -> bool:
     return kind == "int8" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
-def _launch(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, scale: float) -> torch.Tensor:
+def _launch(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, scale: float,
+            num_splits: int | None) -> torch.Tensor:
     if not _HAS_TRITON:
         raise RuntimeError("triton is not installed; use paged._decode_attention instead")
     b, h, d = q.shape
@@ -156,10 +227,24 @@ def _launch(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, scale
     if b == 0:
         return out
     quantized = k_scale is not None
-    grid = (b, hkv)
-    _paged_decode_kernel[grid](
+    if num_splits is None:
+        # inside torch.compile the batch and table width are symbolic: choosing from them would
+        # guard (and recompile) per value, so compiled steps keep one range per program
+        compiling = torch.compiler.is_compiling()
+        num_splits = 1 if compiling else split_count(q.device, b * hkv, block_tables.shape[1])
+    if num_splits < 1:
+        raise ValueError(f"num_splits={num_splits}: must be >= 1")
+    split = num_splits > 1
+    if split:  # unnormalized partials of every (request, query head, range)
+        m = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
+        lsum = torch.empty_like(m)
+        acc = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
+    else:
+        m = lsum = acc = q  # unread
+    _paged_decode_kernel[(b, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, ctx_lens, out,
         k_scale if quantized else q, v_scale if quantized else q,  # unread when not QUANTIZED
+        m, lsum, acc, num_splits,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(), *v_cache.stride(),
@@ -167,6 +252,12 @@ def _launch(q, k_cache, v_cache, k_scale, v_scale, block_tables, ctx_lens, scale
         out.stride(0), out.stride(1), out.stride(2),
         G=g, HEAD_DIM=d, BLOCK_SIZE=bs, NUM_KV_HEADS=hkv,
         PAD_G=triton.next_power_of_2(g), PAD_D=triton.next_power_of_2(d),
-        PAD_BS=triton.next_power_of_2(bs), QUANTIZED=quantized,
+        PAD_BS=triton.next_power_of_2(bs), QUANTIZED=quantized, SPLIT=split,
     )
+    if split:
+        _merge_splits_kernel[(b, h)](
+            m, lsum, acc, out, num_splits, out.stride(0), out.stride(1), out.stride(2),
+            NUM_HEADS=h, HEAD_DIM=d, PAD_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),  # one build
+            PAD_D=triton.next_power_of_2(d),
+        )
     return out
