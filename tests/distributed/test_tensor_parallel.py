@@ -148,6 +148,40 @@ def test_killed_worker_stops_generate_with_a_clear_error():
     assert "error: tensor-parallel worker rank 1 was killed by signal 9" in err, err[-2000:]
 
 
+STUCK_STEP = """
+import os, signal, time
+from tokenmill.llm import LLM
+from tokenmill.sampling_params import SamplingParams
+
+llm = LLM("smollm2-135m", device="cpu", dtype="float32", quantization="none", tensor_parallel_size=2,
+          kv_cache_memory_gb=0.1, show_progress=False)
+engine = llm.engine
+launcher = engine._tp_launcher
+launcher.stuck_grace_s = 2.0
+
+def stuck_forward(*args, **kwargs):  # as a step whose NCCL collective waits for the dead rank
+    os.kill(launcher.procs[0].pid, signal.SIGKILL)
+    time.sleep(600)
+
+engine.runner.execute = stuck_forward
+engine.add_request("r", "Once upon a time", SamplingParams(max_tokens=4))
+engine.step()
+print("the step returned")
+"""
+
+
+def test_a_step_stuck_on_a_dead_rank_ends_the_process():
+    """A collective that never fails by itself (NCCL waits on the GPU for a dead rank): the
+    watchdog ends the process with status 1 and the reason once the grace period is over."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", STUCK_STEP], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, check=False, env=os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "the step returned" not in proc.stdout
+    assert "error: tensor-parallel worker rank 1 was killed by signal 9" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 120
+
+
 def test_killed_worker_fails_the_request_in_flight_and_the_server_exits(tmp_path):
     import openai
 

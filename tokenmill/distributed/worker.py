@@ -13,8 +13,13 @@ rank 0 does (README, "Tensor parallelism").
 
 Fault handling: a watchdog thread on rank 0 waits on the spawned processes; when one dies it
 records which and with what exit code and calls the engine's listeners (an idle server learns
-of it at once). A collective in flight fails by itself: gloo raises when a peer's socket
-closes, and the engine turns that into WorkerDiedError with the watchdog's message.
+of it at once). A collective in flight fails by itself on gloo, which raises when a peer's
+socket closes; the engine turns that into WorkerDiedError with the watchdog's message. An NCCL
+collective does not: it waits on the GPU for the rank that is gone, and the step with it. So
+when the engine is still inside a step `stuck_grace_s` after a death, the watchdog ends the
+process with status 1 and the reason (clients of the requests in flight see their connections
+close). Across machines (torchrun) no watchdog sees the other machines' processes: gloo still
+fails at once, NCCL when its collective times out (group.TENSOR_TIMEOUT).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 
@@ -68,6 +74,8 @@ class TPLauncher:
         self.died = threading.Event()
         self._listeners: list[Callable[[WorkerDiedError], None]] = []
         self._stopping = False
+        self.stepping = False  # the engine is inside a step's forward (set by the engine)
+        self.stuck_grace_s = 10.0
         self._watchdog = threading.Thread(target=self._watch, name="tokenmill-tp-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -89,6 +97,19 @@ class TPLauncher:
         self.died.set()
         for listener in self._listeners:
             listener(WorkerDiedError(self.death))
+        self._exit_if_stuck()
+
+    def _exit_if_stuck(self) -> None:
+        """End the process if the step in flight has not failed within the grace period (an
+        NCCL collective waiting for the dead rank never returns)."""
+        deadline = time.monotonic() + self.stuck_grace_s
+        while time.monotonic() < deadline:
+            if not self.stepping or self._stopping:
+                return
+            time.sleep(0.05)
+        log.error("the step in flight is still waiting for the dead rank after %.0f s; exiting", self.stuck_grace_s)
+        print(f"error: {self.death}", file=sys.stderr, flush=True)
+        os._exit(1)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Tell the workers to leave their loop, wait for them, leave the process group."""

@@ -328,13 +328,18 @@ class LLMEngine:
                 self._set_suppression(track)
                 states[r.request_id] = track.state
                 num_before[r.request_id] = len(track.request.output_token_ids)
+        launcher = self._tp_launcher
         try:
+            if launcher is not None:
+                launcher.stepping = True  # its watchdog ends a step stuck on a dead rank
             result = self.runner.execute(sched, states, draft_probs)
         except WorkerDiedError as e:
-            launcher = self._tp_launcher
             if launcher is not None:
                 launcher.died.wait(5)  # the socket error can come before the watchdog wakes
             raise WorkerDiedError(launcher.death if launcher and launcher.death else str(e)) from None
+        finally:
+            if launcher is not None:
+                launcher.stepping = False
         updated = self.scheduler.update(sched, result)
         outputs = [self._output(r, result, num_before[r.request_id]) for r in updated]
         if self.proposer is not None:
