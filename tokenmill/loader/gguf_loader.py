@@ -8,6 +8,7 @@ rotate-half layout of the Hugging Face checkpoints (as transformers does when it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,15 +37,45 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def open_gguf(path: Path):
+@functools.cache
+def _reader_class():
     from gguf import GGUFReader
 
+    class Reader(GGUFReader):
+        """GGUFReader over plain ndarray views of its memory map: gguf-py slices its `data` once
+        per header value (SmolLM2's 49k tokens and merges: ~500k slices), and slicing the
+        np.memmap subclass runs its __array_finalize__ each time; plain views of the same
+        mapping parse 3x faster (1.7 -> 0.5 s here). Tensors stay views of the mapped file."""
+
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray)
+
+    return Reader
+
+
+def open_gguf(path: Path):
+    """The file's reader (read-only, memory-mapped). The header's parse takes a while for a large
+    vocabulary, so a reader is kept for the file's current version and shared by the loader, the
+    quantization check and the tokenizer."""
+    path = Path(path)
+    stat = path.stat()
+    return _open_gguf(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf(resolved: str, mtime_ns: int, size: int):
+    path = Path(resolved)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelLoadError(f"{path.name} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
     try:
-        reader = GGUFReader(str(path))
+        reader = _reader_class()(resolved)
     except Exception as e:  # the gguf package raises various errors on truncated files
         raise ModelLoadError(f"{path.name} is truncated or corrupt: {type(e).__name__}: {e}".splitlines()[0]) from None
     version = reader.fields["GGUF.version"].contents()

@@ -259,9 +259,9 @@ class Tokenizer:
     def from_gguf(cls, source: str | Path | Any) -> Tokenizer:
         """From a GGUF file path or an already open `gguf.GGUFReader`."""
         if isinstance(source, (str, Path)):
-            import gguf
+            from tokenmill.loader.gguf_loader import open_gguf
 
-            source = gguf.GGUFReader(source)
+            source = open_gguf(Path(source))
         return cls.from_gguf_metadata(_gguf_fields(source))
 
     @classmethod

@@ -151,9 +151,9 @@ def from_hf_config_file(path: Path) -> ModelSpec:
 def from_gguf(path: Path) -> ModelSpec:
     """Read architecture numbers from GGUF metadata (`{arch}.block_count` etc.) and the file's
     real bits per weight (tensor bytes * 8 / tensor elements, packing and scales included)."""
-    from gguf import GGUFReader
+    from tokenmill.loader.gguf_loader import open_gguf
 
-    reader = GGUFReader(str(path))
+    reader = open_gguf(Path(path))
 
     def field(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)
