@@ -33,10 +33,15 @@ def _linears(kind: str, outs: list[int], k: int, bias: bool) -> list[nn.Module]:
 
 @pytest.mark.parametrize("kind", ["float", "int4", "int8"])
 @pytest.mark.parametrize("m", [1, 37])
-def test_merged_equals_concatenated_outputs(kind, m):
-    mods = _linears(kind, [576, 192, 100], 576, bias=kind != "int8")
+@pytest.mark.parametrize("outs", [[576, 192, 100], [100, 576]], ids=["whole-tiles-first", "padded-first"])
+def test_merged_equals_concatenated_outputs(kind, m, outs):
+    """int4: layers of whole 64-row tiles (but the last) merge by concatenating their packed
+    tiles; otherwise through their codes."""
+    mods = _linears(kind, outs, 576, bias=kind != "int8")
     merged = merge_linears(mods)
-    assert type(merged) is type(mods[0]) and merged.out_features == 868
+    assert type(merged) is type(mods[0]) and merged.out_features == sum(outs)
+    if kind == "int4":
+        assert Int4Linear.can_concat_packed(mods) == (outs[0] % 64 == 0)
     x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m))
     want = torch.cat([mod(x) for mod in mods], dim=-1)
     got = merged(x)

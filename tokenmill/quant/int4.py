@@ -113,6 +113,27 @@ class Int4Linear(QuantLinear):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self.register_buffer("packed", packed)
 
+    @staticmethod
+    def can_concat_packed(mods: list[Int4Linear]) -> bool:
+        """Whether concat_packed can merge these: CPU layout, and every layer but the last a
+        whole number of N_BLOCK-row tiles (so none carries padding rows into the middle)."""
+        return (all(m.kernel == "cpu" for m in mods) and len({(m.group, m.in_features) for m in mods}) == 1
+                and all(m.out_features % N_BLOCK == 0 for m in mods[:-1]))
+
+    @classmethod
+    def concat_packed(cls, mods: list[Int4Linear], bias: torch.Tensor | None = None) -> Int4Linear:
+        """The layers' output rows as one layer, built from their packed tiles as they are: a CPU
+        tile holds 64 whole rows, contiguous, so the packed tensors and the [K/g, Np, 2] scales
+        concatenate along the rows (the last layer's padding rows end the merged layer). At load
+        this replaces unpacking and repacking every q/k/v and gate/up."""
+        first = mods[0]
+        out = cls.__new__(cls)
+        QuantLinear.__init__(out, first.in_features, sum(m.out_features for m in mods), bias)
+        out.group, out.kernel = first.group, first.kernel
+        out.register_buffer("scales_zeros", torch.cat([m.scales_zeros for m in mods], dim=1))
+        out.register_buffer("packed", torch.cat([m.packed for m in mods], dim=0))
+        return out
+
     @property
     def fusable(self) -> bool:
         """Whether codes() can read the weight back (not from tinygemm's opaque tiles)."""
