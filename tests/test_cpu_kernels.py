@@ -83,6 +83,43 @@ def test_paged_attention_uses_it_for_quantized_pools():
                                **TOL[torch.bfloat16])
 
 
+# (B, Hkv, G, D, block_size): head dims off the kernel's 16-lane grid (72, 40, 8), groups of more
+# than 4 query heads (done 4 at a time), blocks of 8 and 24 tokens (its 16-token tiles straddle them)
+ODD_CASES = [(3, 2, 5, 72, 8), (2, 3, 6, 40, 24), (2, 1, 1, 8, 16)]
+
+
+def _odd_case(b, hkv, g, d, block_size, dtype, seed=0):
+    """make_case's kind of case for any block size: shuffled blocks, contexts of 100, 1 and 37."""
+    gen = torch.Generator().manual_seed(seed)
+    per_request = -(-100 // block_size)
+    num_blocks = b * per_request + 2  # block 0 only pads the tables
+    q = torch.randn(b, hkv * g, d, generator=gen).to(dtype)
+    k, v = (torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    ctx = torch.tensor([100, 1, 37][:b])
+    tables = (1 + torch.randperm(num_blocks - 1, generator=gen)[: b * per_request]).view(b, per_request)
+    for i in range(b):
+        tables[i, -(-int(ctx[i]) // block_size):] = 0
+    return q, k, v, tables, ctx
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float16", "int8", "fp8"])
+@pytest.mark.parametrize("case", ODD_CASES)
+def test_odd_shapes_match_reference(case, kind):
+    b, hkv, g, d, block_size = case
+    dtype = torch.bfloat16 if kind in ("int8", "fp8") else getattr(torch, kind)  # quantized: bf16 queries
+    q, k, v, tables, ctx = _odd_case(b, hkv, g, d, block_size, dtype)
+    if kind in ("int8", "fp8"):
+        k, v = _quantized_pools(k, v, kind, dtype)
+        ref = _decode_attention(q, k, v, tables, ctx, d ** -0.5)
+        k.scale, v.scale = poison_unused(k.scale, tables, ctx), poison_unused(v.scale, tables, ctx)
+        out = cpu.paged_decode_attention_quantized(q, k, v, tables, ctx, d ** -0.5)
+    else:
+        ref = _decode_attention(q, k, v, tables, ctx, d ** -0.5)
+        out = cpu.paged_decode_attention(q, poison_unused(k, tables, ctx), poison_unused(v, tables, ctx),
+                                         tables, ctx, d ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
 @pytest.mark.parametrize("b", [1, 2])
 def test_long_context_split_over_threads(b):
     """Few requests with long contexts split their KV heads over threads: same result."""

@@ -8,18 +8,19 @@
 //
 // The torch reference gathers every block of the padded table into a dense copy, then runs two
 // batched matmuls and a softmax (~10 kernel launches and two copies per layer). Here one call
-// streams the rows once, one KV head at a time, in tiles of 16 tokens; the G query heads that
-// share the KV head (GQA) are computed together, so each row is read and widened once:
+// streams the rows twice (K, then V), in tiles of 16 tokens; the G query heads that share a KV
+// head (GQA) are computed together, so each row is read and widened to float32 once:
 //
-//   1. scores   per tile: widen the 16 K rows to float32 (a small buffer, [16, Dp]); for each
-//               query head, 16 D-long products q * k_t kept as 16-lane vectors, then folded into
-//               one vector holding the 16 dot products (`sum_lanes`): a few shuffles per 16
-//               tokens instead of one horizontal sum per token and head.
-//   2. softmax  per query head over the context (max, exp, sum).
-//   3. values   per tile: widen the 16 V rows likewise; every query head keeps its output row in
-//               registers (`accumulate_values`) while the tile's tokens are added as p_t * v_t.
+//   1. scores   per tile: widen the 16 K rows into a small buffer, tile [16, KV heads, Dp]; for
+//               each query head, 16 products q * k_t summed over the row's 16-lane slices are
+//               kept as 16 vectors, then folded into one vector of the 16 dot products
+//               (`sum_lanes`): a few shuffles per 16 tokens, not a horizontal sum per token.
+//   2. softmax  per query head over the context (max, exp, sum), 16 lanes at a time.
+//   3. values   per tile: up to 4 query heads keep their output rows in registers while each V
+//               row, widened 64 values at a time, is added as p_t * v_t (`accumulate_values`).
 //
-// Arithmetic is float32, as in the reference; the output is cast to q's dtype.
+// Dp is D rounded up to 16 (query and output rows are zero-padded to it). Arithmetic is float32,
+// as in the reference, but sums run in another order; the output is cast to q's dtype.
 //
 // Work items: one request, or (request, slice of KV heads) when there are fewer requests than
 // threads and the context is long, so one long request still uses every core.
@@ -30,7 +31,8 @@
 // no dequantized copy of the context is made.
 //
 // The vectors are GCC/Clang vector extensions (16 floats: one AVX-512 register, two AVX2 or four
-// NEON ones), so one code path serves every CPU that `-march=native` builds for.
+// NEON ones), so one code path serves every CPU that `-march=native` builds for; buffers are
+// aligned to 64 bytes (`Floats`).
 //
 // Schemas (registered below; the fakes for torch.compile are in kernels/cpu.py):
 //   tokenmill::paged_decode_attention(Tensor q [B, H, D], Tensor k_cache, Tensor v_cache,
@@ -98,27 +100,29 @@ inline Vec sum_lanes(const Vec v[L]) {
   return fold1(fold2(b[0], b[2]), fold2(b[1], b[3]));
 }
 
-inline Vec max(Vec a, Vec b) { return a > b ? a : b; }  // b where either is NaN
-inline float max_lane(Vec v) {
+inline Vec vec_max(Vec a, Vec b) { return a > b ? a : b; }  // b where either is NaN
+inline float reduce_max(Vec v) {
   float m = v[0];
   for (int i = 1; i < L; ++i) m = std::max(m, v[i]);
   return m;
 }
-inline float sum_lane(Vec v) {
+inline float reduce_sum(Vec v) {
   float s = 0.f;
   for (int i = 0; i < L; ++i) s += v[i];
   return s;
 }
 
-// exp(x) per lane, within ~2 ulp of std::exp, 0 below -87.3 (where float32 leaves the normal range):
+// exp(x) per lane, within 1 ulp of exp (checked over [-87.3, 1]), 0 below -87.3 (where float32
+// leaves the normal range):
 //     x = n ln2 + r, n = round(x / ln2), |r| <= ln2 / 2;  exp(x) = 2^n exp(r)
-// with exp(r) its Taylor polynomial to r^7 (truncation error < 2e-8 relative, under the rounding
-// error of float32) and 2^n built in the exponent bits. Vectorizes; std::exp does not here.
-inline Vec exp(Vec x) {
+// with exp(r) its Taylor polynomial to r^7 (truncation error < 2e-8 relative) and 2^n built in
+// the exponent bits. Vectorizes, where std::exp is a scalar call (glibc's vector exp needs
+// -ffast-math).
+inline Vec vec_exp(Vec x) {
   const Vec hi = Vec{} + 88.3f, lo = Vec{} - 87.3f;
   const Vec xc = x > hi ? hi : (x < lo ? lo : x);  // NaN passes through
   const Vec round = Vec{} + 12582912.f;            // 1.5 * 2^23: adding it rounds to an integer
-  const Vec n = (xc * 1.44269504f + round) - round;
+  const Vec n = (xc * 1.44269504f + round) - round;  // 1 / ln2
   const Vec r = (xc - n * 0.693145752f) - n * 1.42860682e-6f;  // ln2 in two parts: n * ln2 exact
   Vec p = Vec{} + 1.f / 5040.f;
   p = p * r + 1.f / 720.f;
@@ -157,7 +161,7 @@ inline float to_float(c10::Half x) {
 inline float to_float(c10::Float8_e4m3fn x) {
   const uint32_t c = x.x, em = c & 0x7f;
   const float f = from_bits(((c & 0x80) << 24) | (em << 20)) * 0x1p120f;
-  return em == 0x7f ? NAN : f;  // e4m3fn has no infinities; s.1111.111 is NaN
+  return em == 0x7f ? from_bits(((c & 0x80) << 24) | 0x7fc00000) : f;  // no infinities; s.1111.111 is NaN
 }
 
 // Widen n pool values to float32.
@@ -167,24 +171,26 @@ inline void widen(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
-// A pool's rows: the D values of (slot, kv head), widened, and the factor that makes them real
-// values (1 for a plain pool; applied per token by the caller).
+// A pool's rows: where the D values of (slot, kv head) start (the heads of a slot are adjacent),
+// and the factor that makes them real values (1 for a plain pool; applied per token by the caller).
 template <typename T>
 struct PlainRows {
+  using Value = T;
   static constexpr bool kScaled = false;
   const T* data;
   int64_t hkv, d;
-  void load(int64_t slot, int64_t head, float* dst) const { widen(data + (slot * hkv + head) * d, dst, d); }
+  const T* at(int64_t slot, int64_t head) const { return data + (slot * hkv + head) * d; }
   float factor(int64_t, int64_t) const { return 1.f; }
 };
 
 template <typename C>
 struct QuantizedRows {  // codes * the bf16 scale of their (slot, kv head)
+  using Value = C;
   static constexpr bool kScaled = true;
   const C* codes;
   const c10::BFloat16* scale;
   int64_t hkv, d;
-  void load(int64_t slot, int64_t head, float* dst) const { widen(codes + (slot * hkv + head) * d, dst, d); }
+  const C* at(int64_t slot, int64_t head) const { return codes + (slot * hkv + head) * d; }
   float factor(int64_t slot, int64_t head) const { return static_cast<float>(scale[slot * hkv + head]); }
 };
 
@@ -192,31 +198,55 @@ struct Shape {
   int64_t H, Hkv, D, block_size, width;
 };
 
-// What one work item reads and computes: kv heads [kv0, kv0 + nkv) of one request, their
-// nkv * G query heads, head dim D padded to Dp (a multiple of L; the padding lanes stay zero).
+// What one work item reads: kv heads [kv0, kv0 + nkv) of one request's rows, of D values, which
+// its float32 buffers hold padded to Dp (a multiple of L; the padding lanes stay zero).
 struct Item {
-  int64_t kv0, nkv, G, D, Dp;
-  int64_t row() const { return nkv * Dp; }  // floats per token row of a tile
+  int64_t kv0, nkv, D, Dp;
 };
 
-// Tokens [t0, t0 + n), n <= L, of one request: their rows widened into tile [n, nkv, Dp] and,
-// for a quantized pool, their scales into factor [nkv, L]. Rows n.. keep what they held.
+// Tokens [t0, t0 + n), n <= L, of one request: where their rows start, rows [nkv, L], and for a
+// quantized pool their scales, factor [nkv, L].
 template <typename Rows>
-void load_tile(const Rows& rows, const int64_t* table, int64_t block_size, const Item& it, int64_t t0,
-               int64_t n, float* tile, float* factor) {
+void gather_tile(const Rows& pool, const int64_t* table, int64_t block_size, const Item& it, int64_t t0,
+                 int64_t n, const typename Rows::Value** rows, float* factor) {
   int64_t blk = t0 / block_size, off = t0 % block_size;  // walk the table, no division per token
   for (int64_t t = 0; t < n; ++t) {
     const int64_t slot = table[blk] * block_size + off;
     for (int64_t j = 0; j < it.nkv; ++j) {
-      rows.load(slot, it.kv0 + j, tile + t * it.row() + j * it.Dp);
-      if constexpr (Rows::kScaled) factor[j * L + t] = rows.factor(slot, it.kv0 + j);
+      rows[j * L + t] = pool.at(slot, it.kv0 + j);
+      if constexpr (Rows::kScaled) factor[j * L + t] = pool.factor(slot, it.kv0 + j);
     }
     if (++off == block_size) off = 0, ++blk;
   }
 }
 
-// scores[g, 0:16] = q_g . k_t for the 16 tokens of a tile and G query heads, k_t = kt[t * row:]
-// (D padded to Dp). Per head: 16 accumulators part[t] gather q_g * k_t over the row's 16-lane
+// Values [c, c + W) of a row of D values, widened into v, zero past D.
+template <int64_t W, typename T>
+inline void widen_slice(const T* row, int64_t c, int64_t D, float* v) {
+  if (c + W <= D) {
+    widen(row + c, v, W);  // a constant count: one straight vector loop
+  } else {
+    widen(row + c, v, D - c);
+    for (int64_t i = D - c; i < W; ++i) v[i] = 0.f;
+  }
+}
+
+// The tile's K rows widened to float32 once for all G heads that read them: tile [L, nkv, Dp]
+// (the padding lanes past D stay zero; rows n.. keep stale values, whose scores are never read).
+template <typename T>
+void widen_tile(const T* const* rows, int64_t n, const Item& it, float* tile) {
+  for (int64_t t = 0; t < n; ++t) {
+    float* dst = tile + t * it.nkv * it.Dp;
+    if (it.Dp == it.D) {  // the item's heads are adjacent in a pool row: one go
+      widen(rows[t], dst, it.nkv * it.D);
+    } else {
+      for (int64_t j = 0; j < it.nkv; ++j) widen(rows[j * L + t], dst + j * it.Dp, it.D);
+    }
+  }
+}
+
+// scores[g, 0:16] = (q_g . k_t) * mult for the 16 tokens of a tile and G query heads q [G, Dp],
+// k_t = kt[t * row:]. Per head: 16 accumulators part[t] gather q_g * k_t over the row's 16-lane
 // slices, then `sum_lanes` folds them into one vector of the 16 dot products.
 inline void score_tile(const float* q, const float* kt, int64_t row, int64_t G, int64_t Dp, Vec mult,
                        float* scores, int64_t scores_stride) {
@@ -231,19 +261,20 @@ inline void score_tile(const float* q, const float* kt, int64_t row, int64_t G, 
   }
 }
 
-// acc[g, :] += sum_t w[g, t] * v_t for t < n and NG query heads, v_t = vt[t * row:] (w rows
-// `w_stride` apart). The NG x 4 vectors of 64 output lanes stay in registers over the tile's
-// tokens, each v_t slice loaded once for the NG heads; a last slice of 16 lanes likewise.
-template <int NG>
-void accumulate_values(const float* vt, int64_t row, int64_t n, int64_t Dp, const float* w, int64_t w_stride,
-                       float* acc) {
+// acc[g, :] += sum_t w[g, t] * v_t for t < n and NG query heads, v_t = rows[t] (w rows
+// `w_stride` apart, acc [NG, Dp]). The NG x 4 vectors of 64 output lanes stay in registers over
+// the tile's tokens, each slice of v_t widened once for the NG heads; a last 16 lanes likewise.
+template <int NG, typename T>
+void accumulate_values(const T* const* rows, int64_t n, int64_t D, int64_t Dp, const float* w,
+                       int64_t w_stride, float* acc) {
   int64_t c = 0;
   for (; c + 4 * L <= Dp; c += 4 * L) {
     Vec a[NG][4];
     for (int g = 0; g < NG; ++g)
       for (int i = 0; i < 4; ++i) a[g][i] = load(acc + g * Dp + c + i * L);
     for (int64_t t = 0; t < n; ++t) {
-      const float* v = vt + t * row + c;
+      alignas(64) float v[4 * L];
+      widen_slice<4 * L>(rows[t], c, D, v);
       const Vec v0 = load(v), v1 = load(v + L), v2 = load(v + 2 * L), v3 = load(v + 3 * L);
       for (int g = 0; g < NG; ++g) {
         const float p = w[g * w_stride + t];
@@ -257,22 +288,38 @@ void accumulate_values(const float* vt, int64_t row, int64_t n, int64_t Dp, cons
     Vec a[NG];
     for (int g = 0; g < NG; ++g) a[g] = load(acc + g * Dp + c);
     for (int64_t t = 0; t < n; ++t) {
-      const Vec v = load(vt + t * row + c);
-      for (int g = 0; g < NG; ++g) a[g] += w[g * w_stride + t] * v;
+      alignas(64) float v[L];
+      widen_slice<L>(rows[t], c, D, v);
+      const Vec v0 = load(v);
+      for (int g = 0; g < NG; ++g) a[g] += w[g * w_stride + t] * v0;
     }
     for (int g = 0; g < NG; ++g) store(acc + g * Dp + c, a[g]);
   }
 }
 
+// n floats (a multiple of L) aligned like a Vec, so that rows starting at multiples of L floats
+// never straddle two cache lines (a vector load or store across two costs about double).
+class Floats {
+ public:
+  void assign(int64_t n, float x) { v_.assign(n / L, Vec{} + x); }
+  void resize(int64_t n) { v_.resize(n / L); }
+  int64_t size() const { return static_cast<int64_t>(v_.size()) * L; }
+  float* data() { return reinterpret_cast<float*>(v_.data()); }
+  float& operator[](int64_t i) { return data()[i]; }
+
+ private:
+  std::vector<Vec> v_;  // std::allocator honours Vec's 64-byte alignment (C++17)
+};
+
 // Per-thread buffers, reused across work items; nh = nkv * G query heads.
 struct Scratch {
-  std::vector<float> q;       // [nh, Dp]            the query heads, zero past D
-  std::vector<float> scores;  // [nh, ctx_pad]       scores, then probabilities (ctx_pad: ctx rounded up to L)
-  std::vector<float> tile;    // [L, nkv, Dp]        one tile of K or V rows, zero past D
-  std::vector<float> factor;  // [nkv, L]            a tile's scales (quantized pools)
-  std::vector<float> w;       // [nh, L]             a tile's probabilities times its V scales (quantized)
-  std::vector<float> acc;     // [nh, Dp]            the output rows
-  std::vector<float> inv;     // [nh]                1 / the sum of each head's probabilities
+  Floats q;       // [nh, Dp]        the query heads, zero past D
+  Floats scores;  // [nh, ctx_pad]   scores, then probabilities (ctx_pad: ctx rounded up to L)
+  Floats tile;    // [L, nkv, Dp]    a tile of K rows as float32, zero past D
+  Floats factor;  // [nkv, L]        a tile's scales (quantized pools)
+  Floats w;       // [nh, L]         a tile's probabilities times its V scales (quantized pools)
+  Floats acc;     // [nh, Dp]        the output rows
+  std::vector<float> inv;  // [nh]   1 / the sum of each head's probabilities
 };
 
 // Request b, kv heads [kv0, kv1) and their query heads: the three passes of the header above.
@@ -280,51 +327,52 @@ template <typename T, typename Rows>
 void attend(const T* q, const Rows& kc, const Rows& vc, const int64_t* table, int64_t ctx, T* out,
             const Shape& s, float scale, int64_t kv0, int64_t kv1, Scratch& b) {
   const int64_t G = s.H / s.Hkv, D = s.D, Dp = (D + L - 1) / L * L;
-  const Item it{kv0, kv1 - kv0, G, D, Dp};
-  const int64_t nh = it.nkv * G, ctx_pad = (ctx + L - 1) / L * L, row = it.row();
+  const Item it{kv0, kv1 - kv0, D, Dp};
+  const int64_t nh = it.nkv * G, ctx_pad = (ctx + L - 1) / L * L;
   b.q.assign(nh * Dp, 0.f);
   b.scores.resize(nh * ctx_pad);
-  if (static_cast<int64_t>(b.tile.size()) != L * row) b.tile.assign(L * row, 0.f);
+  if (b.tile.size() != L * it.nkv * Dp) b.tile.assign(L * it.nkv * Dp, 0.f);
   b.factor.assign(it.nkv * L, 0.f);
   b.w.resize(nh * L);
   b.acc.assign(nh * Dp, 0.f);
   b.inv.resize(nh);
+  std::vector<const typename Rows::Value*> rows(it.nkv * L);  // [nkv, L] a tile's rows
   for (int64_t h = 0; h < nh; ++h) widen(q + (kv0 * G + h) * D, b.q.data() + h * Dp, D);
 
-  // 1. scores[h, t] = q_h . k_t * scale (* the K scale of t), 16 tokens at a time; rows n.. of a
-  //    last tile hold stale values, whose lanes are never read
+  // 1. scores[h, t] = q_h . k_t * scale (* the K scale of t), 16 tokens at a time
   for (int64_t t0 = 0; t0 < ctx; t0 += L) {
     const int64_t n = std::min(L, ctx - t0);
-    load_tile(kc, table, s.block_size, it, t0, n, b.tile.data(), b.factor.data());
+    gather_tile(kc, table, s.block_size, it, t0, n, rows.data(), b.factor.data());
+    widen_tile(rows.data(), n, it, b.tile.data());
     for (int64_t j = 0; j < it.nkv; ++j) {
       const Vec mult = Rows::kScaled ? load(b.factor.data() + j * L) * scale : Vec{} + scale;
-      score_tile(b.q.data() + j * G * Dp, b.tile.data() + j * Dp, row, G, Dp, mult,
+      score_tile(b.q.data() + j * G * Dp, b.tile.data() + j * Dp, it.nkv * Dp, G, Dp, mult,
                  b.scores.data() + j * G * ctx_pad + t0, ctx_pad);
     }
   }
 
   // 2. softmax over t, per query head (left unnormalized: the output row is divided at the end);
-  //    lanes ctx.. of the last tile are stale: -inf there, so their exp is 0
+  //    lanes ctx.. of the last tile: -inf, so their exp is 0
   for (int64_t h = 0; h < nh; ++h) {
     float* sh = b.scores.data() + h * ctx_pad;
     for (int64_t t = ctx; t < ctx_pad; ++t) sh[t] = -INFINITY;
     Vec m = load(sh);
-    for (int64_t t = L; t < ctx_pad; t += L) m = max(m, load(sh + t));
-    const float top = max_lane(m);
+    for (int64_t t = L; t < ctx_pad; t += L) m = vec_max(m, load(sh + t));
+    const float top = reduce_max(m);
     Vec sum{};
     for (int64_t t = 0; t < ctx_pad; t += L) {
-      const Vec p = exp(load(sh + t) - top);
+      const Vec p = vec_exp(load(sh + t) - top);
       store(sh + t, p);
       sum += p;
     }
-    b.inv[h] = 1.f / sum_lane(sum);
+    b.inv[h] = 1.f / reduce_sum(sum);
   }
 
   // 3. acc[h] = sum_t p[h, t] (* the V scale of t) * v_t, 16 tokens at a time, up to 4 query
   //    heads of a kv head at once (their output rows stay in registers over a tile)
   for (int64_t t0 = 0; t0 < ctx; t0 += L) {
     const int64_t n = std::min(L, ctx - t0);
-    load_tile(vc, table, s.block_size, it, t0, n, b.tile.data(), b.factor.data());
+    gather_tile(vc, table, s.block_size, it, t0, n, rows.data(), b.factor.data());
     const float* w = b.scores.data() + t0;
     int64_t w_stride = ctx_pad;
     if constexpr (Rows::kScaled) {  // w[h, t] = p[h, t] * scale_t
@@ -333,16 +381,16 @@ void attend(const T* q, const Rows& kc, const Rows& vc, const int64_t* table, in
       w = b.w.data(), w_stride = L;
     }
     for (int64_t j = 0; j < it.nkv; ++j) {
-      const float* vt = b.tile.data() + j * Dp;
+      const auto* const* rj = rows.data() + j * L;
       for (int64_t g = 0; g < G; g += 4) {
         const int64_t h = j * G + g;
         const float* wh = w + h * w_stride;
         float* ah = b.acc.data() + h * Dp;
         switch (std::min<int64_t>(4, G - g)) {
-          case 1: accumulate_values<1>(vt, row, n, Dp, wh, w_stride, ah); break;
-          case 2: accumulate_values<2>(vt, row, n, Dp, wh, w_stride, ah); break;
-          case 3: accumulate_values<3>(vt, row, n, Dp, wh, w_stride, ah); break;
-          default: accumulate_values<4>(vt, row, n, Dp, wh, w_stride, ah); break;
+          case 1: accumulate_values<1>(rj, n, D, Dp, wh, w_stride, ah); break;
+          case 2: accumulate_values<2>(rj, n, D, Dp, wh, w_stride, ah); break;
+          case 3: accumulate_values<3>(rj, n, D, Dp, wh, w_stride, ah); break;
+          default: accumulate_values<4>(rj, n, D, Dp, wh, w_stride, ah); break;
         }
       }
     }
@@ -371,6 +419,7 @@ void decode(const T* q, const Rows& kc, const Rows& vc, const int64_t* tables, c
     }
   });
 }
+
 struct Checked {
   at::Tensor q, tables, lens;
   Shape s;
