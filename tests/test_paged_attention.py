@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tokenmill.attention.paged import AttentionMetadata, dense_attention, paged_attention, write_kv
@@ -24,7 +25,11 @@ def _random_case(seed: int, lens: list[int], new: list[int], h=6, hkv=2, d=16, b
     return k_cache, v_cache, full, tables
 
 
-def test_paged_equals_dense_mixed_batch():
+@pytest.mark.parametrize("pass_new_kv", [False, True], ids=["gathered", "fresh-prefills-from-step-kv"])
+def test_paged_equals_dense_mixed_batch(pass_new_kv):
+    """With the step's K/V passed, the fresh prefills (13 and 5 tokens) attend over them and the
+    chunk after cached context still gathers; the cache is poisoned where the fresh prefills
+    wrote, after writing, so a gather there would show."""
     lens = [13, 1 + 7, 5, 30, 9]
     new = [13, 1, 5, 4, 1]  # a full prefill, a decode, a prefill, a chunk after 26 cached, a decode
     bs, scale = 4, 16**-0.5
@@ -52,8 +57,17 @@ def test_paged_equals_dense_mixed_batch():
         decode_ctx_lens=torch.tensor(dec_lens), prefills=prefills, num_tokens=t,
     )
     q_all = torch.cat(qs)
-    write_kv(k_cache, v_cache, torch.cat(ks), torch.cat(vs), meta.slot_mapping)
-    out = paged_attention(q_all, k_cache, v_cache, meta, scale)
+    k_new, v_new = torch.cat(ks), torch.cat(vs)
+    write_kv(k_cache, v_cache, k_new, v_new, meta.slot_mapping)
+    if pass_new_kv:
+        for start, m, n, table in prefills:
+            if m == n:  # fresh: what it wrote is read from the step's K/V, not the pool
+                fresh = meta.slot_mapping[start : start + m]
+                k_cache.view(-1, *k_cache.shape[2:])[fresh] = float("nan")
+                v_cache.view(-1, *v_cache.shape[2:])[fresh] = float("nan")
+        out = paged_attention(q_all, k_cache, v_cache, meta, scale, k_new, v_new)
+    else:
+        out = paged_attention(q_all, k_cache, v_cache, meta, scale)
     t = 0
     for (q, k, v), n, m in zip(full, lens, new):
         ref = dense_attention(q, k, v, scale)[n - m :]

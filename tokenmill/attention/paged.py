@@ -72,8 +72,14 @@ def gather_kv(cache: KVPool, block_table: torch.Tensor, ctx_len: int) -> torch.T
 
 
 def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, H, D] for the step's tokens, whose K/V are already written. Returns [T, H, D]."""
+                    meta: AttentionMetadata, scale: float, k: torch.Tensor | None = None,
+                    v: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, H, D] for the step's tokens, whose K/V are already written. Returns [T, H, D].
+
+    k, v: the step's own K/V [T, Hkv, D] as written, if at hand. A prefill chunk with no cached
+    context before it (a fresh prompt) then attends over them directly instead of gathering its
+    blocks back: the same values for a plain pool of their dtype, two gathers fewer per request
+    and layer (only there: a quantized pool holds rounded values, which later chunks read)."""
     t, h, d = q.shape
     hkv = k_cache.shape[2]
     out = torch.empty_like(q)
@@ -95,10 +101,14 @@ def paged_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
         out[meta.decode_token_idx] = decode(
             q[meta.decode_token_idx], k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale
         )
+    fresh_ok = k is not None and not isinstance(k_cache, QuantizedKVPool) and k.dtype == k_cache.dtype
     for start, n, ctx_len, block_table in meta.prefills:
-        k = gather_kv(k_cache, block_table, ctx_len)  # [S, Hkv, D]
-        v = gather_kv(v_cache, block_table, ctx_len)
-        out[start : start + n] = _prefill_attention(q[start : start + n], k, v, scale, h // hkv)
+        if fresh_ok and ctx_len == n:  # nothing cached before the chunk: its K/V are the step's
+            kc, vc = k[start : start + n], v[start : start + n]
+        else:
+            kc = gather_kv(k_cache, block_table, ctx_len)  # [S, Hkv, D]
+            vc = gather_kv(v_cache, block_table, ctx_len)
+        out[start : start + n] = _prefill_attention(q[start : start + n], kc, vc, scale, h // hkv)
     return out
 
 

@@ -52,7 +52,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, k, cos_sin)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale, k, v)  # [T, H, D]
         out = self.o_proj(o.reshape(t, self.num_heads * self.head_dim))  # [T, hidden]
         return out if self.tp is None else self.tp.all_reduce(out)
 
