@@ -120,14 +120,56 @@ def test_odd_shapes_match_reference(case, kind):
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("b", [1, 2])
-def test_long_context_split_over_threads(b):
-    """Few requests with long contexts split their KV heads over threads: same result."""
-    q, k, v, tables, ctx = make_case(b, 4, 2, 64, torch.float32, "cpu", seed=3, max_blocks=40)
-    ctx[:] = torch.tensor([40 * 16, 517][:b])
-    ref = _decode_attention(q, k, v, tables, ctx, 0.125)
-    out = cpu.paged_decode_attention(q, k, v, tables, ctx, 0.125)
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+def _long_case(hkv, g, d, lens, dtype, seed=0):
+    """Requests with contexts `lens` in shuffled blocks of 16 tokens; block 0 pads the tables."""
+    gen = torch.Generator().manual_seed(seed)
+    b, per_request = len(lens), -(-max(lens) // 16)
+    num_blocks = b * per_request + 2
+    q = torch.randn(b, hkv * g, d, generator=gen).to(dtype)
+    k, v = (torch.randn(num_blocks, 16, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    ctx = torch.tensor(lens)
+    tables = (1 + torch.randperm(num_blocks - 1, generator=gen)[: b * per_request]).view(b, per_request)
+    for i in range(b):
+        tables[i, -(-lens[i] // 16):] = 0
+    return q, k, v, tables, ctx
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test, restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# (threads, context lengths): fewer requests than threads split each context into parts of
+# whole tiles (1 request on 2 threads: 2 parts; on 3: 3; 2 requests on 3: 3 parts each; 3 on 4:
+# 4, where the context of 1 leaves three parts empty); odd lengths end the last part mid-tile.
+# The longest context is long enough for every part (the kernel's kMinPartWork: ~60 tokens here).
+SPLIT_CASES = [(2, [640]), (2, [517]), (3, [1000]), (3, [1000, 37]), (4, [1000, 1, 77])]
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "float16", "int8", "fp8"])
+@pytest.mark.parametrize("shape", [(3, 3, 64), (2, 5, 72)])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_long_context_split_over_threads(case, shape, kind, threads):
+    """Few requests with long contexts split their contexts over threads, each part's softmax
+    merged by its max and sum: the reference's result, unused slots poisoned."""
+    n_threads, lens = case
+    hkv, g, d = shape
+    threads(n_threads)
+    dtype = torch.bfloat16 if kind in ("int8", "fp8") else getattr(torch, kind)
+    q, k, v, tables, ctx = _long_case(hkv, g, d, lens, dtype, seed=len(lens) + n_threads)
+    if kind in ("int8", "fp8"):
+        k, v = _quantized_pools(k, v, kind, dtype)
+        ref = _decode_attention(q, k, v, tables, ctx, d ** -0.5)
+        k.scale, v.scale = poison_unused(k.scale, tables, ctx), poison_unused(v.scale, tables, ctx)
+        out = cpu.paged_decode_attention_quantized(q, k, v, tables, ctx, d ** -0.5)
+    else:
+        ref = _decode_attention(q, k, v, tables, ctx, d ** -0.5)
+        out = cpu.paged_decode_attention(q, poison_unused(k, tables, ctx), poison_unused(v, tables, ctx),
+                                         tables, ctx, d ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
 def test_paged_attention_uses_it_for_decodes():
