@@ -107,16 +107,22 @@ def _odd_case(b, hkv, g, d, block_size, dtype, seed=0):
 def test_odd_shapes_match_reference(case, kind):
     b, hkv, g, d, block_size = case
     dtype = torch.bfloat16 if kind in ("int8", "fp8") else getattr(torch, kind)  # quantized: bf16 queries
-    q, k, v, tables, ctx = _odd_case(b, hkv, g, d, block_size, dtype)
+    _check_kernel(kind, dtype, *_odd_case(b, hkv, g, d, block_size, dtype))
+
+
+def _check_kernel(kind, dtype, q, k, v, tables, ctx):
+    """The kernel on plain pools (kind: their dtype) or int8/fp8 pools made from k and v, against
+    the reference, with every slot (or scale) no request reads poisoned with NaN."""
+    scale = q.shape[-1] ** -0.5
     if kind in ("int8", "fp8"):
         k, v = _quantized_pools(k, v, kind, dtype)
-        ref = _decode_attention(q, k, v, tables, ctx, d ** -0.5)
+        ref = _decode_attention(q, k, v, tables, ctx, scale)
         k.scale, v.scale = poison_unused(k.scale, tables, ctx), poison_unused(v.scale, tables, ctx)
-        out = cpu.paged_decode_attention_quantized(q, k, v, tables, ctx, d ** -0.5)
+        out = cpu.paged_decode_attention_quantized(q, k, v, tables, ctx, scale)
     else:
-        ref = _decode_attention(q, k, v, tables, ctx, d ** -0.5)
+        ref = _decode_attention(q, k, v, tables, ctx, scale)
         out = cpu.paged_decode_attention(q, poison_unused(k, tables, ctx), poison_unused(v, tables, ctx),
-                                         tables, ctx, d ** -0.5)
+                                         tables, ctx, scale)
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
 
 
@@ -159,17 +165,7 @@ def test_long_context_split_over_threads(case, shape, kind, threads):
     hkv, g, d = shape
     threads(n_threads)
     dtype = torch.bfloat16 if kind in ("int8", "fp8") else getattr(torch, kind)
-    q, k, v, tables, ctx = _long_case(hkv, g, d, lens, dtype, seed=len(lens) + n_threads)
-    if kind in ("int8", "fp8"):
-        k, v = _quantized_pools(k, v, kind, dtype)
-        ref = _decode_attention(q, k, v, tables, ctx, d ** -0.5)
-        k.scale, v.scale = poison_unused(k.scale, tables, ctx), poison_unused(v.scale, tables, ctx)
-        out = cpu.paged_decode_attention_quantized(q, k, v, tables, ctx, d ** -0.5)
-    else:
-        ref = _decode_attention(q, k, v, tables, ctx, d ** -0.5)
-        out = cpu.paged_decode_attention(q, poison_unused(k, tables, ctx), poison_unused(v, tables, ctx),
-                                         tables, ctx, d ** -0.5)
-    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+    _check_kernel(kind, dtype, *_long_case(hkv, g, d, lens, dtype, seed=len(lens) + n_threads))
 
 
 def test_paged_attention_uses_it_for_decodes():
