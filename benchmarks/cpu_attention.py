@@ -14,7 +14,7 @@ kernel's arithmetic, not DRAM bandwidth.
 to tokenmill_baseline::*) and times both in alternating rounds, medians of all calls:
 
     python benchmarks/cpu_attention.py --baseline HEAD            # a git revision of the source
-    python benchmarks/cpu_attention.py --baseline /tmp/old.cpp    # or a file
+    python benchmarks/cpu_attention.py --baseline old.cpp         # or a file
 """
 
 from __future__ import annotations
