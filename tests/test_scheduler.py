@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from tests.factories import fake_outputs, make_request, make_scheduler, run_to_completion
+from tokenmill.request import Request
+from tokenmill.sampling_params import SamplingParams
 
 
 def test_token_budget_and_chunked_prefill():
@@ -65,3 +70,13 @@ def test_fcfs_order_of_admission():
             if r.request_id not in order:
                 order.append(r.request_id)
     assert order == [r.request_id for r in reqs]
+
+
+@given(prompt=st.lists(st.integers(0, 99), min_size=1, max_size=20),
+       output=st.lists(st.integers(0, 99), max_size=20), data=st.data())
+def test_token_ids_between_is_a_slice_of_all_token_ids(prompt, output, data):
+    r = Request("r", prompt, SamplingParams(), output_token_ids=list(output))
+    n = len(prompt) + len(output)
+    start = data.draw(st.integers(0, n))
+    stop = data.draw(st.integers(start, n))
+    assert r.token_ids_between(start, stop) == r.all_token_ids[start:stop]

@@ -63,6 +63,14 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_between(self, start: int, stop: int) -> list[int]:
+        """all_token_ids[start:stop] without building all of it (a step needs a few tokens of
+        a context that grows by one each step)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p : stop - p]
+        return self.prompt_token_ids[start:stop] + self.output_token_ids[: max(0, stop - p)]
+
     @property
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None

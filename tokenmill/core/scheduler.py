@@ -129,7 +129,7 @@ class Scheduler:
             out.append(
                 ScheduledRequest(
                     request_id=request.request_id,
-                    token_ids=request.all_token_ids[start : start + num_new - len(drafts)] + drafts,
+                    token_ids=request.token_ids_between(start, start + num_new - len(drafts)) + drafts,
                     start=start,
                     block_table=list(self.kv.get_block_table(request.request_id)),
                     sample=start + num_new - len(drafts) == request.num_tokens,
