@@ -65,8 +65,8 @@ def test_fcfs_order_of_admission():
     for r in reqs:
         s.add_request(r)
     order = []
-    for st in run_to_completion(s):
-        for r in st.requests:
+    for step in run_to_completion(s):
+        for r in step.requests:
             if r.request_id not in order:
                 order.append(r.request_id)
     assert order == [r.request_id for r in reqs]
