@@ -253,8 +253,9 @@ def predict(dep: Deployment, eff: Efficiency | None = None) -> Prediction:
     )
     group_flops = tp * pp * hw.flops(dep.dtype) * eff.compute
     prefill_share_s = (b / dep.output_len) * prompt_flops / group_flops
-    per_replica = b * accepted / (step_s + prefill_share_s)
-    total_tps = per_replica * dep.replicas
+    # every running sequence advances `accepted` tokens per step; only `batch` sequences run (a
+    # batch that does not divide over the replicas leaves some replicas a sequence short)
+    total_tps = dep.batch * accepted / (step_s + prefill_share_s)
     ms_per_token = step_s / accepted * 1e3
     price = hw.price.usd_per_hour if hw.price else None
     bound = decode.bound if not hw.is_sram else f"{decode.bound} (sram pipeline)"
