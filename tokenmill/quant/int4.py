@@ -115,10 +115,10 @@ class Int4Linear(QuantLinear):
 
     @staticmethod
     def can_concat_packed(mods: list[Int4Linear]) -> bool:
-        """Whether concat_packed can merge these: CPU layout, and every layer but the last a
-        whole number of N_BLOCK-row tiles (so none carries padding rows into the middle)."""
-        return (all(m.kernel == "cpu" for m in mods) and len({(m.group, m.in_features) for m in mods}) == 1
-                and all(m.out_features % N_BLOCK == 0 for m in mods[:-1]))
+        """Whether concat_packed can merge these layers, which merge_linears has found mergeable
+        (one group size, one input width): CPU layout, and every layer but the last a whole
+        number of N_BLOCK-row tiles (so none carries padding rows into the middle)."""
+        return all(m.kernel == "cpu" for m in mods) and all(m.out_features % N_BLOCK == 0 for m in mods[:-1])
 
     @classmethod
     def concat_packed(cls, mods: list[Int4Linear], bias: torch.Tensor | None = None) -> Int4Linear:
