@@ -49,6 +49,8 @@ kernel, i.e. at import).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tokenmill.kernels import triton_env
@@ -199,9 +201,15 @@ def split_count(device: torch.device, programs: int, table_width: int) -> int:
     interpreter) and when the batch alone fills the GPU."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-2 * sms // programs)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    want = -(-2 * _sm_count(index) // programs)
     return max(1, min(want, MAX_SPLITS, table_width // MIN_BLOCKS_PER_SPLIT))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (asked once: split_count runs per layer)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def quantized_available(device: torch.device | str, kind: str) -> bool:
