@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.golden import PROMPTS, compare_up_to_near_tie, margins
+from tokenmill.distributed.worker import _free_port
 from tokenmill.llm import LLM
 from tokenmill.sampling_params import SamplingParams
 
@@ -260,25 +261,25 @@ def test_two_ranks_with_the_compiled_decode_step(llm):
         tp.engine.shutdown()
 
 
+def _torchrun_generate(nodes: int, node_rank: int, port: int, *args: str) -> list[str]:
+    """`torchrun ... -m tokenmill.cli generate ARGS -tp 2` (float32, CPU) as node `node_rank` of
+    `nodes` (2 // nodes processes each), rendezvous at 127.0.0.1:port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node",
+            str(2 // nodes), "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "-m", "tokenmill.cli", "generate", *args, "--tensor-parallel-size", "2", "--quantization", "none",
+            "--dtype", "float32", "--device", "cpu", "--kv-cache-memory-gb", "0.1"]
+
+
 @pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-nodes"])
 def test_torchrun_launch_generates_what_one_rank_does(llm, nodes):
     """The README's torchrun path: on one node (two processes), and as two nodes (one torchrun
     per node, one process each, rendezvous over TCP as between machines; gloo carries every
     collective since no shared memory spans them). Rank 0 runs `generate`, rank 1 the worker
     loop; every torchrun exits 0 and the text is the single-rank greedy text."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    prompt = PROMPTS[0]
+    port, prompt = _free_port(), PROMPTS[0]
 
     def torchrun(node_rank: int) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
-                "--nproc-per-node", str(2 // nodes), "--node-rank", str(node_rank), "--master-addr", "127.0.0.1",
-                "--master-port", str(port), "-m", "tokenmill.cli", "generate", prompt, "--max-tokens", "16",
-                "--tensor-parallel-size", "2", "--quantization", "none", "--dtype", "float32", "--device", "cpu",
-                "--kv-cache-memory-gb", "0.1", "--no-stream"]
+        return _torchrun_generate(nodes, node_rank, port, prompt, "--max-tokens", "16", "--no-stream")
 
     env = os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"}
     others = [subprocess.Popen(torchrun(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -300,18 +301,10 @@ def test_a_rank_killed_on_another_node_stops_generate_with_a_clear_error():
     """Two torchrun nodes; SIGKILL node 1's rank while node 0 decodes a long output: node 0's
     command exits within seconds with one line saying a rank died (no process watchdog spans
     machines: the collective in flight fails when the peer's socket closes)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
 
     def torchrun(node_rank: int) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                "-m", "tokenmill.cli", "generate", "Once upon a time", "--max-tokens", "1500", "--ignore-eos",
-                "--tensor-parallel-size", "2", "--quantization", "none", "--dtype", "float32", "--device", "cpu",
-                "--kv-cache-memory-gb", "0.1"]
+        return _torchrun_generate(2, node_rank, port, "Once upon a time", "--max-tokens", "1500", "--ignore-eos")
 
     env = os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"}
     nodes = [subprocess.Popen(torchrun(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
