@@ -7,12 +7,16 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenmill.sample.sampler import (
     Sampler,
     SamplerOutput,
     SamplingState,
     apply_penalties,
+    categorical,
+    draw_uniforms,
     top_p_cutoff,
 )
 from tokenmill.sampling_params import SamplingParams
@@ -184,6 +188,39 @@ def test_seeded_rows_match_softmax() -> None:
     out = sample(logits, [state(seed=s, temperature=0.8) for s in range(n)])
     counts = torch.bincount(torch.tensor(out.token_ids), minlength=len(PROBS))
     assert_matches(counts, torch.softmax(LOGITS / 0.8, -1))
+
+
+# ids on both sides of the 256-id block edges and in the padded last block of a 1000-id row
+SPREAD_IDS = [0, 255, 256, 511, 700, 767, 768, 999]
+
+
+def test_categorical_across_blocks_matches_the_weights() -> None:
+    """The two-stage draw over several blocks (the last one padded): each id in proportion to
+    its weight, ids of weight 0 never."""
+    n = 40_000
+    weights = torch.zeros(1000)
+    weights[SPREAD_IDS] = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02]) * 7.0  # unnormalised
+    torch.manual_seed(5)
+    ids = categorical(weights.expand(n, -1), draw_uniforms(None, n, torch.device("cpu")))
+    counts = torch.bincount(ids, minlength=1000)
+    assert_matches(counts, weights / weights.sum())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    vocab=st.integers(1, 700),
+    positive=st.lists(st.integers(0, 699), min_size=1, max_size=6),
+    tiny=st.booleans(),
+    u=st.lists(st.sampled_from([0.0, 0.5, 1 - 2**-53, 2**-53]), min_size=2, max_size=2),
+)
+def test_categorical_never_takes_an_id_of_zero_weight(vocab, positive, tiny, u) -> None:
+    """Whatever the uniforms (their extremes included) and however small the positive weights,
+    the id drawn has positive weight."""
+    weights = torch.zeros(vocab)
+    ids = sorted({i % vocab for i in positive})
+    weights[ids] = 1e-30 if tiny else 1.0
+    got = categorical(weights, torch.tensor(u, dtype=torch.float64)).item()
+    assert got in ids
 
 
 def test_top_k_stays_in_top_k_and_renormalises() -> None:

@@ -44,12 +44,17 @@ def _draws(q: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
     return torch.stack([torch.multinomial(row, n, replacement=True, generator=g) for row in q], 1)  # [n, K]
 
 
+def _noise(n: int, positions: int, g: torch.Generator) -> torch.Tensor:
+    """[n, positions, 2]: the uniforms `categorical` draws the candidates with."""
+    return torch.rand(n, positions, 2, dtype=torch.float64, generator=g)
+
+
 def test_rejection_sample_keeps_the_target_distribution():
     g = torch.Generator().manual_seed(0)
-    k, vocab = Q.shape
+    k = Q.shape[0]
     drafts = _draws(Q, N, g)  # [N, K], d_j ~ q_j
     tokens = rejection_sample(P.expand(N, -1, -1), Q.expand(N, -1, -1), drafts,
-                              torch.rand(N, k, generator=g), torch.rand(N, k + 1, vocab, generator=g))
+                              torch.rand(N, k, generator=g), _noise(N, k + 1, g))
     accepted = torch.tensor([accepted_prefix(t, d) for t, d in zip(tokens.tolist(), drafts.tolist())])
     # the j-th emitted token exists when the j - 1 drafts before it were accepted; given that,
     # it is distributed as p_j (the rows do not depend on the prefix here)
@@ -66,7 +71,7 @@ def test_a_rejected_position_never_returns_its_draft():
     g = torch.Generator().manual_seed(1)
     drafts = _draws(Q, N, g)
     tokens = rejection_sample(P.expand(N, -1, -1), Q.expand(N, -1, -1), drafts,
-                              torch.rand(N, 2, generator=g), torch.rand(N, 3, 6, generator=g))
+                              torch.rand(N, 2, generator=g), _noise(N, 3, g))
     p_d = P[0][drafts[:, 0]]
     q_d = Q[0][drafts[:, 0]]
     sure = p_d >= q_d  # min(1, p/q) = 1
@@ -75,10 +80,10 @@ def test_a_rejected_position_never_returns_its_draft():
 
 def test_a_draft_equal_to_the_target_is_always_accepted():
     g = torch.Generator().manual_seed(2)
-    k, vocab = 2, P.shape[1]
+    k = 2
     drafts = _draws(P[:k], N, g)
     tokens = rejection_sample(P.expand(N, -1, -1), P[:k].expand(N, -1, -1), drafts,
-                              torch.rand(N, k, generator=g), torch.rand(N, k + 1, vocab, generator=g))
+                              torch.rand(N, k, generator=g), _noise(N, k + 1, g))
     assert (tokens[:, :k] == drafts).all()
     assert chi_square_p_value(tokens[:, k], P[k]) > ALPHA  # the bonus token
 
@@ -131,7 +136,7 @@ def test_rewind_leaves_the_generator_where_ordinary_steps_would():
         spec = SamplingState.new(params, [0])
         state = spec.generator.get_state()
         Sampler()(logits, [spec] * 4)  # a verification sampling 4 rows
-        rewind_generator(spec.generator, state, used, vocab, torch.device("cpu"))
+        rewind_generator(spec.generator, state, used, torch.device("cpu"))
         plain = SamplingState.new(params, [0])
         for i in range(used):  # `used` ordinary single-row steps
             Sampler()(logits[i : i + 1], [plain])

@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.sample.sampler import top_p_cutoff
+from tokenmill.sample.sampler import categorical, draw_uniforms, top_p_cutoff
 from tokenmill.sampling_params import SamplingParams
 
-_TINY = torch.finfo(torch.float32).tiny
 _MIN_TEMPERATURE = 1e-6  # as the sampler
 
 
@@ -70,19 +69,12 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return torch.where(greedy.unsqueeze(1), one_hot, probs)
 
 
-def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Sample index i with probability probs_i (rows need not be normalised): the exponential
-    race argmax_i probs_i / E_i, E_i = -log U_i. probs [..., V], noise U [..., V] in [0, 1)."""
-    e = noise.log().neg().clamp_min(_TINY)  # [..., V] Exponential(1), never 0
-    return (probs / e).argmax(-1)
-
-
 def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_ids: torch.Tensor,
                      uniform: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The standard rule for drafts drawn from q, one candidate token per position.
 
     target_probs p [N, K+1, V]; draft_probs q [N, K, V] (d_j must have been drawn from q_j);
-    draft_ids d [N, K] long; uniform u [N, K] and noise [N, K+1, V] in [0, 1).
+    draft_ids d [N, K] long; uniform u [N, K] in [0, 1); noise [N, K+1, 2] from `draw_uniforms`.
     Returns tokens [N, K+1]: at j < K, d_j if u_j * q_j(d_j) <= p_j(d_j) (accepted: u < p/q),
     else a sample of max(0, p_j - q_j); at K, a sample of p_K (the bonus). The emitted tokens
     are the drafts up to the first position whose token differs from the draft, then that
@@ -94,8 +86,8 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draf
     p_d = target_probs[:, :k].gather(-1, ids).squeeze(-1)  # [N, K]
     q_d = draft_probs.gather(-1, ids).squeeze(-1)  # [N, K]
     accept = uniform * q_d <= p_d  # [N, K]
-    residual = (target_probs[:, :k] - draft_probs).clamp_min(0)  # [N, K, V], normalised by the race
-    candidates = race(torch.cat([residual, target_probs[:, k:]], 1), noise)  # [N, K+1]
+    residual = (target_probs[:, :k] - draft_probs).clamp_min(0)  # [N, K, V], normalised by the draw
+    candidates = categorical(torch.cat([residual, target_probs[:, k:]], 1), noise)  # [N, K+1]
     tokens = candidates.clone()
     tokens[:, :k] = torch.where(accept, draft_ids, candidates[:, :k])
     return tokens
@@ -117,12 +109,11 @@ def uniforms(generator: torch.Generator | None, shape: tuple[int, ...], device: 
     return torch.rand(shape, generator=generator, device=device)
 
 
-def rewind_generator(generator: torch.Generator, state: torch.Tensor, rows_used: int, vocab: int,
+def rewind_generator(generator: torch.Generator, state: torch.Tensor, rows_used: int,
                      device: torch.device) -> None:
     """Set a seeded request's generator to where `rows_used` ordinary sampling steps from `state`
-    leave it: the sampler draws V float32 uniforms per step and row, so a verification that
-    sampled k + 1 rows but emitted only rows_used tokens gives the rest back."""
+    leave it: the sampler draws two float64 uniforms per step and row (`draw_uniforms`), so a
+    verification that sampled k + 1 rows but emitted only rows_used tokens gives the rest back."""
     generator.set_state(state)
-    scratch = torch.empty(vocab, dtype=torch.float32, device=device)
-    for _ in range(rows_used):
-        scratch.uniform_(generator=generator)
+    for _ in range(rows_used):  # one call per row, as the sampler draws (a CUDA generator's
+        draw_uniforms(generator, 1, device)  # offset advances per call, not per number)

@@ -31,7 +31,8 @@ from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.model.llama import LlamaForCausalLM
 from tokenmill.outputs import ScheduledRequest, SchedulerOutput
 from tokenmill.request import Request
-from tokenmill.sample.rejection import race, sampling_probs, uniforms
+from tokenmill.sample.rejection import sampling_probs
+from tokenmill.sample.sampler import categorical, draw_uniforms
 from tokenmill.spec.proposer import Proposal
 from tokenmill.worker.kv_cache import allocate_kv_caches
 from tokenmill.worker.model_runner import ModelRunner
@@ -128,9 +129,8 @@ class DraftProposer:
         if rows:
             idx = torch.tensor(rows, device=self.device)
             q = sampling_probs(logits[idx], [requests[j].params for j in rows])  # [S, V]
-            noise = torch.stack([uniforms(self._generator(requests[j]), (logits.shape[1],), self.device)
-                                 for j in rows])
-            tokens = tokens.index_copy(0, idx, race(q, noise))
+            noise = torch.cat([draw_uniforms(self._generator(requests[j]), 1, self.device) for j in rows])
+            tokens = tokens.index_copy(0, idx, categorical(q, noise))
             for n, j in enumerate(rows):
                 q_rows[j] = q[n]
         return tokens, q_rows

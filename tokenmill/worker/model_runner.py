@@ -42,7 +42,7 @@ from tokenmill.sample.rejection import (
     sampling_probs,
     uniforms,
 )
-from tokenmill.sample.sampler import Sampler, SamplingState
+from tokenmill.sample.sampler import Sampler, SamplingState, draw_uniforms
 
 log = logging.getLogger("tokenmill")
 
@@ -305,7 +305,7 @@ class ModelRunner:
             if drafts:
                 out.accepted[rid] = drafts[:a]
             if rid in saved and a < len(drafts):
-                rewind_generator(states[rid].generator, saved[rid], a + 1, logits.shape[1], self.device)
+                rewind_generator(states[rid].generator, saved[rid], a + 1, self.device)
             if states[rid].params.logprobs is not None and row_logprobs[first] is not None:
                 out.logprobs[rid] = row_logprobs[first + a]
                 out.top_logprobs[rid] = row_top[first + a]
@@ -318,7 +318,7 @@ class ModelRunner:
                        states: dict[str, SamplingState], draft_probs: dict[str, torch.Tensor]) -> dict[int, int]:
         """Rejection-sample the requests whose drafts came with q; returns {row: token}.
         Requests with the same number of drafts go together; a seeded request draws its k
-        uniforms, then (k + 1) x V noise, from its own generator."""
+        uniforms, then 2 (k + 1) for the candidates, from its own generator."""
         vocab = logits.shape[1]
         by_k: dict[int, list[ScheduledRequest]] = {}
         for r in requests:
@@ -334,7 +334,7 @@ class ModelRunner:
             for r in group:
                 gen = states[r.request_id].generator
                 u.append(uniforms(gen, (k,), self.device))
-                noise.append(uniforms(gen, (k + 1, vocab), self.device))
+                noise.append(draw_uniforms(gen, k + 1, self.device))  # [k+1, 2]
             tokens = rejection_sample(p, q.float(), d, torch.stack(u), torch.stack(noise)).tolist()  # [G, k+1]
             for r, row_tokens in zip(group, tokens):
                 for j, token in enumerate(row_tokens):
