@@ -1,0 +1,122 @@
+"""The eager CPU decode plan (model/eager_decode.py) computes what the modules compute, bit for
+bit: the same engine generates the same greedy tokens with the same log-probs with the plan and
+without it, for every kind of layer and KV pool the plan resolves differently."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import VOCAB, randomize_, save_hf_tokenizer
+from tokenmill.attention.paged import AttentionMetadata
+from tokenmill.llm import LLM
+from tokenmill.model.eager_decode import DecodePlan
+from tokenmill.sampling_params import SamplingParams
+
+PROMPTS = [{"prompt_token_ids": [5, 17, 300, 4000, 12]}, {"prompt_token_ids": list(range(900, 940))}]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> Path:
+    """A Qwen2-shaped checkpoint (q/k/v bias) whose merged qkv (96 + 2 x 32 rows), o_proj and
+    down_proj (96 rows) are not whole 64-row int4 tiles: their packed outputs carry padding."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    d = tmp_path_factory.mktemp("qwen2-padded")
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_theta=1e6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = Qwen2ForCausalLM(config)
+    randomize_(model, seed=3)
+    model.float().save_pretrained(str(d))
+    tok = tmp_path_factory.mktemp("tokenizer")
+    save_hf_tokenizer(tok)
+    for f in tok.iterdir():
+        shutil.copy(f, d)
+    return d
+
+
+def _with_and_without_plan(llm: LLM) -> tuple[list, list]:
+    runner = llm.engine.runner
+    plan = runner.decode_plan
+    assert plan is not None and isinstance(plan[0][0], DecodePlan)
+    calls = []
+    plan_fn = plan[0][0]
+
+    def counted(*args):
+        calls.append(1)
+        return plan_fn(*args)
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    runner.decode_plan = [(counted, plan[0][1])]
+    try:
+        with_plan = llm.generate(PROMPTS, params, use_progress=False)
+        runner.decode_plan = None
+        modules = llm.generate(PROMPTS, params, use_progress=False)
+    finally:
+        runner.decode_plan = plan
+    assert len(calls) >= 10, "the decode steps did not run the plan"
+    return with_plan, modules
+
+
+def _assert_same(with_plan, modules) -> None:
+    for a, b in zip(with_plan, modules):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs  # exactly: same ops on the same tensors
+
+
+@pytest.mark.parametrize("kw", [
+    {"dtype": "bfloat16", "quantization": "none"},  # float nn.Linear with bias
+    {"dtype": "float32", "quantization": "none"},  # a float32 model and KV pool
+    {"quantization": "int4"},  # packed int4 with padding rows and bias
+    {"quantization": "int8"},  # another packed kind: through its own forward
+    {"quantization": "int4", "kv_cache_dtype": "int8"},  # quantized pools: the generic attention
+    {"quantization": "int4", "kv_cache_dtype": "fp8"},
+], ids=["bf16", "fp32", "int4", "int8", "int4-kv-int8", "int4-kv-fp8"])
+def test_plan_equals_modules_on_tiny_qwen2(qwen_dir, kw):
+    llm = LLM(str(qwen_dir), device="cpu", num_kv_blocks=32, max_model_len=128, show_progress=False, **kw)
+    _assert_same(*_with_and_without_plan(llm))
+
+
+def test_plan_equals_modules_on_the_real_model(llm):
+    """SmolLM2's GGUF: int4 layers whose merged tiles carry no padding, a bf16 KV pool."""
+    _assert_same(*_with_and_without_plan(llm))
+
+
+def test_no_plan_where_layers_stay_unmerged(llm):
+    """A layer whose q/k/v did not merge (mixed GGUF types) keeps the model on the modules."""
+    model = llm.engine.model
+    attn = model.model.layers[1].self_attn
+    qkv = attn.qkv_proj
+    del attn.qkv_proj
+    try:
+        assert DecodePlan.build(model, llm.engine.runner.kv_caches) is None
+    finally:
+        attn.qkv_proj = qkv
+    assert DecodePlan.build(model, llm.engine.runner.kv_caches) is not None
+
+
+def test_other_activations_fall_back_to_the_modules(qwen_dir):
+    """Called with activations of another dtype than it was resolved for, the plan runs the
+    modules (which choose their kernels per call) rather than kernels resolved for bf16."""
+    llm = LLM(str(qwen_dir), device="cpu", quantization="int4", num_kv_blocks=8, max_model_len=64,
+              show_progress=False)
+    plan = llm.engine.runner.decode_plan[0][0]
+    ran = []
+    layers = plan.modules
+    originals = [layer.forward for layer in layers]
+    for layer in layers:
+        layer.forward = lambda x, *a, _f=layer.forward: ran.append(1) or _f(x, *a)
+    try:
+        meta = AttentionMetadata(torch.tensor([0]), torch.tensor([0]), torch.zeros(1, 1, dtype=torch.long),
+                                 torch.tensor([1]), [], 1)
+        cos_sin = llm.engine.model.rope.cos_sin(torch.tensor([0]))
+        out = plan(torch.randn(1, plan.modules[0].input_layernorm.weight.shape[0]), cos_sin,
+                   llm.engine.runner.kv_caches, meta)
+    finally:
+        for layer, f in zip(layers, originals):
+            layer.forward = f
+    assert out.dtype == torch.float32 and len(ran) == len(layers)
