@@ -19,6 +19,7 @@ llama.cpp: llama-cpp-python on the same GGUF, 2 threads, the same prompt and out
 median of its per-token eval time.
 
     python benchmarks/quant_bench.py [--models smollm2,1b] [--schemes "gguf packed + compile,int8"] [--rounds 3] [--json results.json]
+    python benchmarks/quant_bench.py --models smollm2 --no-perplexity --input-len 1536 --output-len 128
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ def run_scheme(model: str, kwargs: dict, ppl: bool) -> dict:
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    llm = LLM(model, device="cpu", threads=2, kv_cache_memory_gb=0.05, max_model_len=1024,
-              max_num_batched_tokens=512, show_progress=False, **kwargs)
+    llm = LLM(model, device="cpu", threads=2, kv_cache_memory_gb=0.05 + (INPUT_LEN + OUTPUT_LEN) / 1e4,
+              max_model_len=max(1024, INPUT_LEN + OUTPUT_LEN + 16), max_num_batched_tokens=max(512, INPUT_LEN),
+              show_progress=False, **kwargs)
     load_s = time.perf_counter() - t0
     rss, anon = _rss_mb()
     # the fp8 emulation widens every weight per token (seconds per token on the ~1B): fewer steps
@@ -152,7 +154,8 @@ def run_llama_cpp(model: str) -> dict:
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
-    llm = Llama(model_path=model, n_threads=2, n_threads_batch=2, n_ctx=256, n_batch=INPUT_LEN, verbose=False)
+    llm = Llama(model_path=model, n_threads=2, n_threads_batch=2, n_ctx=max(256, INPUT_LEN + OUTPUT_LEN + 16),
+                n_batch=min(INPUT_LEN, 512), verbose=False)
     load_s = time.perf_counter() - t0
     rss, anon = _rss_mb()
     times = []
@@ -176,7 +179,8 @@ LLAMA_CPP = "llama.cpp (same Q4_1 GGUF, 2 threads)"
 
 
 def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False,
+    proc = subprocess.run([sys.executable, __file__, "--child", str(INPUT_LEN), str(OUTPUT_LEN), *args],
+                          capture_output=True, text=True, check=False,
                           cwd=ROOT, env={**os.environ, "TOKENMILL_LOG_LEVEL": "WARNING"})
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -242,8 +246,10 @@ def _fmt(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    global INPUT_LEN, OUTPUT_LEN
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        kind, *rest = sys.argv[2:]
+        INPUT_LEN, OUTPUT_LEN = int(sys.argv[2]), int(sys.argv[3])
+        kind, *rest = sys.argv[4:]
         if kind == "scheme":  # model, kwargs as JSON, perplexity 0/1
             out = run_scheme(rest[0], json.loads(rest[1]), rest[2] == "1")
         else:
@@ -257,9 +263,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the fastest is kept")
     ap.add_argument("--no-perplexity", action="store_true", help="timings only")
+    ap.add_argument("--input-len", type=int, default=INPUT_LEN, help="prompt tokens of the decode timing")
+    ap.add_argument("--output-len", type=int, default=OUTPUT_LEN, help="new tokens of the decode timing")
     ap.add_argument("--schemes", help=f"comma-separated subset of: {', '.join(SCHEMES)} (gguf packed and "
                     "llama.cpp always run)")
     args = ap.parse_args()
+    INPUT_LEN, OUTPUT_LEN = args.input_len, args.output_len
 
     from tokenmill.bench.bandwidth import cached_bandwidth
     from tokenmill.loader.resolve import default_model_path
