@@ -132,6 +132,9 @@ def test_streamed_text_equals_decode(request, seed, n, which, skip):
     deltas, detok = stream(tok, ids, chunks=chunks, skip=skip)
     assert "".join(deltas) == detok.text == tok.decode(ids, skip_special_tokens=skip)
     assert detok.stop_reason is None
+    deferred = IncrementalDetokenizer(tok, [1, 2, 3], skip, incremental=False)  # decoded once, at finish
+    assert [deferred.update(ids[i : i + 3]) for i in range(0, len(ids), 3)] == [""] * len(range(0, len(ids), 3))
+    assert deferred.finish() == deferred.text == detok.text
 
 
 def test_work_per_token_is_bounded(byte_level):

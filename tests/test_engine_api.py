@@ -71,6 +71,26 @@ def test_n_samples_and_streaming_matches_generate(llm):
     assert "".join(o.outputs[0].delta for o in llm.stream(PROMPT, params)) == text
 
 
+@pytest.mark.parametrize("stop", [None, [". "]], ids=["deferred-text", "stop-string"])
+def test_final_only_gives_one_output_equal_to_the_cumulative_last(llm, stop):
+    """A final_only request yields one output, when it finishes, equal to the last of its
+    cumulative twin (text decoded once at the end where no stop string needs it per step)."""
+    engine = llm.engine
+    outs: dict[str, list] = {"cum": [], "fin": []}
+    for kind, rid in (("cumulative", "cum"), ("final_only", "fin")):
+        params = SamplingParams(temperature=0, max_tokens=24, logprobs=2, stop=stop, ignore_eos=True,
+                                output_kind=kind)
+        engine.add_request(rid, PROMPT, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+    assert len(outs["cum"]) > 1 and len(outs["fin"]) == 1 and outs["fin"][0].finished
+    a, b = outs["cum"][-1].outputs[0], outs["fin"][0].outputs[0]
+    assert (b.text, b.token_ids, b.finish_reason, b.stop_reason, b.logprobs) == \
+        (a.text, a.token_ids, a.finish_reason, a.stop_reason, a.logprobs)
+    assert b.text and (b.delta, b.delta_token_ids) == (b.text, b.token_ids)  # all of it in the one output
+
+
 def test_logprobs_are_consistent(llm):
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, logprobs=3))[0].outputs[0]
     assert len(out.logprobs) == len(out.token_ids)
@@ -85,7 +105,7 @@ def test_logprobs_are_consistent(llm):
      ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 99}, "logprobs"), ({"stop": [""]}, "stop"),
      ({"presence_penalty": 3}, "presence_penalty"), ({"n": 0}, "n"), ({"min_p": 2}, "min_p"),
      ({"temperature": float("nan")}, "temperature"), ({"repetition_penalty": float("nan")}, "repetition_penalty"),
-     ({"top_p": float("inf")}, "top_p")],
+     ({"top_p": float("inf")}, "top_p"), ({"output_kind": "delta"}, "output_kind")],
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError, match=f"invalid {field}="):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -99,8 +100,6 @@ class LLM:
         for k in range(params.n):
             child = params
             if params.n > 1:
-                from dataclasses import replace
-
                 child = replace(params, n=1, seed=None if params.seed is None else params.seed + k)
             rid = base if params.n == 1 else f"{base}-{k}"
             self.engine.add_request(rid, source, child)
@@ -123,8 +122,8 @@ class LLM:
                 raise InvalidRequestError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
         groups: list[list[str]] = []
         try:
-            for prompt, params in zip(prompts, params_list):
-                groups.append(self._add(prompt, params))
+            for prompt, params in zip(prompts, params_list):  # only the finished outputs are read
+                groups.append(self._add(prompt, replace(params, output_kind="final_only")))
         except InvalidRequestError as e:
             for ids in groups:  # nothing half-submitted stays behind
                 for rid in ids:

@@ -53,7 +53,10 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] | str | None = None,
         include_stop_str_in_output: bool = False,
+        incremental: bool = True,
     ) -> None:
+        """incremental=False (no stop strings only): `update` only collects the ids and
+        `finish` decodes them once: for callers that read the text only at the end."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         stops = [stop] if isinstance(stop, str) else list(stop or ())
@@ -67,12 +70,17 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
         self._skipped = tokenizer.special_token_ids if skip_special_tokens else frozenset()
+        if not incremental and self.stop:
+            raise ValueError("stop strings need incremental detokenization")
+        self.incremental = incremental
 
     def update(self, new_token_ids: Sequence[int]) -> str:
         """Append generated tokens; return the text that may now be shown (possibly "")."""
         if self.finished:
             return ""
         self.output_token_ids.extend(new_token_ids)
+        if not self.incremental:
+            return ""
         self._decoded += self._decode_window(final=False)
         return self._emit(final=False)
 

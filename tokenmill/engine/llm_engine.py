@@ -293,7 +293,8 @@ class LLMEngine:
         state = SamplingState(params=params, prompt_token_ids=request.prompt_token_ids,
                               output_token_ids=request.output_token_ids, generator=generator)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
-                                       params.stop, params.include_stop_str_in_output)
+                                       params.stop, params.include_stop_str_in_output,
+                                       incremental=params.output_kind == "cumulative" or bool(params.stop))
         self.scheduler.add_request(request)
         self._tracks[request_id] = _Track(request, text, state, detok, [] if params.logprobs is not None else None)
 
@@ -341,12 +342,17 @@ class LLMEngine:
             if launcher is not None:
                 launcher.stepping = False
         updated = self.scheduler.update(sched, result)
-        outputs = [self._output(r, result, num_before[r.request_id]) for r in updated]
+        outputs = []
+        emitted: dict[str, int] = {}  # new tokens per request
+        for r in updated:
+            out, emitted[r.request_id] = self._output(r, result, num_before[r.request_id])
+            if out is not None:
+                outputs.append(out)
         if self.proposer is not None:
-            self._record_spec(sched, result, outputs)
+            self._record_spec(sched, result, emitted)
         self.stats.steps += 1
         self.stats.computed_tokens += sched.num_tokens
-        self.stats.generated_tokens += sum(len(o.outputs[0].delta_token_ids) for o in outputs)
+        self.stats.generated_tokens += sum(emitted.values())
         self.stats.busy_seconds += time.perf_counter() - t0
         return outputs
 
@@ -405,8 +411,7 @@ class LLMEngine:
             log.info("speculation is off for %s", reason)
         return False
 
-    def _record_spec(self, sched: SchedulerOutput, result: ModelRunnerOutput, outputs: list[RequestOutput]) -> None:
-        emitted = {o.request_id: len(o.outputs[0].delta_token_ids) for o in outputs}
+    def _record_spec(self, sched: SchedulerOutput, result: ModelRunnerOutput, emitted: dict[str, int]) -> None:
         for r in sched.requests:
             if r.spec_token_ids:
                 accepted = len(result.accepted.get(r.request_id, []))
@@ -421,8 +426,9 @@ class LLMEngine:
         else:
             track.state.suppress_token_ids = set()
 
-    def _output(self, request: Request, result: ModelRunnerOutput, num_before: int) -> RequestOutput:
-        """The request's output after this step's new tokens (output_token_ids[num_before:])."""
+    def _output(self, request: Request, result: ModelRunnerOutput, num_before: int) -> tuple[RequestOutput | None, int]:
+        """The request's output after this step's new tokens (output_token_ids[num_before:]), or
+        None for an unfinished final_only request; and how many new tokens it emitted."""
         rid = request.request_id
         track = self._tracks[rid]
         new = request.output_token_ids[num_before:]
@@ -459,6 +465,11 @@ class LLMEngine:
             del self._tracks[request.request_id]
             if self.proposer is not None:
                 self.proposer.free(rid)
+        emitted = len(new)
+        if request.params.output_kind == "final_only":
+            if not finished:
+                return None, emitted
+            delta, new = track.detok.text, list(request.output_token_ids)  # since its previous output: all
         completion = CompletionOutput(
             index=0,
             text=track.detok.text,
@@ -479,4 +490,4 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens,
             metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time,
                                    request.num_preemptions),
-        )
+        ), emitted

@@ -33,6 +33,7 @@ import torch
 
 from tokenmill.attention import triton_decode
 from tokenmill.attention.paged import AttentionMetadata
+from tokenmill.worker.model_runner import long_tensor
 
 log = logging.getLogger("tokenmill")
 
@@ -121,12 +122,12 @@ class CudaGraphDecoder:
         n = len(step.token_ids)
         b = next(x for x in self.buckets if x >= n)
         ids, pos, slots, ctx, tables = self.host_rows
-        ids[:n] = torch.tensor(step.token_ids)
-        pos[:n] = torch.tensor(step.positions)
-        slots[:n] = torch.tensor(step.slots)
-        ctx[:n] = torch.tensor(step.decode_lens)
+        ids[:n] = long_tensor(step.token_ids)
+        pos[:n] = long_tensor(step.positions)
+        slots[:n] = long_tensor(step.slots)
+        ctx[:n] = long_tensor(step.decode_lens)
         width = step.table_width  # columns past it keep stale blocks: past every ctx_len, never read
-        tables[:n, :width] = torch.tensor(step.decode_tables).view(n, width)
+        tables[:n, :width] = long_tensor(step.decode_tables).view(n, width)
         if b > n:
             self._pad_rows(n, b)
         self.buffer.copy_(self.host, non_blocking=True)

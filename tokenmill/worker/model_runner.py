@@ -23,6 +23,7 @@ drafts that came with their draft distribution q go through `rejection_sample` i
 
 from __future__ import annotations
 
+import array
 import itertools
 import logging
 import time
@@ -59,11 +60,20 @@ class StepInput:
     positions: list[int]
     slots: list[int]
     decode_idx: list[int]
-    decode_tables: list[list[int]]  # padded to table_width with block 0
+    decode_tables: list[int]  # row-major [decodes, table_width], padded with block 0
     table_width: int
     decode_lens: list[int]
     prefills: list[tuple[int, int, int, list[int]]]  # (first token, tokens, context length, blocks)
     logits_idx: list[int]
+
+
+def long_tensor(values: list[int]) -> torch.Tensor:
+    """A host int64 tensor of a list of ints, through an array's buffer: ~4x faster than
+    torch.tensor(list), which converts element by element (a batch-64 step's block tables at
+    2k tokens of context: 90 instead of 350 us)."""
+    if not values:
+        return torch.empty(0, dtype=torch.long)
+    return torch.frombuffer(array.array("q", values), dtype=torch.long)
 
 
 def _structure(module: torch.nn.Module) -> tuple:
@@ -208,16 +218,19 @@ class ModelRunner:
         width = max((len(t) for t in decode_tables), default=0)
         if decode_tables and self.compiled_groups is not None:  # width 1: a shape of its own to the compiler
             width = max(width, MIN_TABLE_WIDTH)
-        padded = [t + [0] * (width - len(t)) for t in decode_tables]
-        return StepInput(token_ids, positions, slots, decode_idx, padded, width, decode_lens, prefills, logits_idx)
+        flat: list[int] = []
+        for t in decode_tables:
+            flat += t
+            flat += [0] * (width - len(t))
+        return StepInput(token_ids, positions, slots, decode_idx, flat, width, decode_lens, prefills, logits_idx)
 
     def _tensors(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
-        long = lambda values: torch.tensor(values, dtype=torch.long, device=dev)
+        long = lambda values: long_tensor(values).to(dev)
         meta = AttentionMetadata(
             slot_mapping=long(step.slots),
             decode_token_idx=long(step.decode_idx),
-            decode_block_tables=long(step.decode_tables).view(len(step.decode_tables), step.table_width),
+            decode_block_tables=long(step.decode_tables).view(len(step.decode_idx), step.table_width),
             decode_ctx_lens=long(step.decode_lens),
             prefills=[(first, n, ctx_len, long(blocks)) for first, n, ctx_len, blocks in step.prefills],
             num_tokens=len(step.token_ids),
