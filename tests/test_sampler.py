@@ -246,18 +246,19 @@ def test_top_p_applies_after_top_k() -> None:
 
 
 def test_top_p_candidate_path_equals_full_sort() -> None:
-    """The CPU shortcut (nucleus among the top candidates, else a full sort) changes nothing,
-    for nuclei inside and past the candidates, with excluded (-inf) tokens."""
+    """The CPU shortcuts (nucleus among the top 64, then the top 256 candidates, else a full
+    sort) change nothing, for nuclei inside and past each count, with excluded (-inf) tokens."""
     g = torch.Generator().manual_seed(4)
     scale = torch.tensor([0.1, 0.5, 1.0, 3.0, 8.0, 20.0]).repeat(4)  # flat ... peaked
     x = torch.randn(24, 3000, generator=g) * scale.unsqueeze(1)
     x[::3, :500] = float("-inf")
     top_p = torch.rand(24, generator=g) * 0.98 + 0.01
-    full = top_p_cutoff(x, top_p, candidates=None)
-    shortcut = top_p_cutoff(x, top_p, candidates=64)
+    full = top_p_cutoff(x, top_p, candidates=())
+    shortcut = top_p_cutoff(x, top_p, candidates=(64, 256))
     assert torch.equal(full, shortcut)
     nucleus_sizes = (x >= full.unsqueeze(1)).sum(-1)
-    assert (nucleus_sizes < 64).any() and (nucleus_sizes > 64).any()  # both paths ran
+    assert (nucleus_sizes < 64).any() and ((nucleus_sizes > 64) & (nucleus_sizes < 256)).any()
+    assert (nucleus_sizes > 256).any()  # every path ran
 
 
 def test_top_p_on_a_flat_row_stays_in_a_wide_nucleus() -> None:

@@ -44,8 +44,10 @@ from tokenmill.sampling_params import SamplingParams
 _NEG_INF = float("-inf")
 # x / T must stay finite in float32 for ordinary logits (|x| < 1e3): clamp T from below.
 _MIN_TEMPERATURE = 1e-6
-# top-p on CPU looks for the nucleus among this many top logits before sorting a whole row.
-_TOP_P_CANDIDATES = 1024
+# top-p on CPU looks for the nucleus among the top 64 logits, then (rows whose nucleus is
+# longer) the top 1024, before sorting a whole row: at batch 64 over a 49k vocabulary topk
+# costs 2.2 ms for 64, 12.7 ms for 1024, and a full sort ~95 ms.
+_TOP_P_CANDIDATES = (64, 1024)
 
 
 @dataclass(eq=False)
@@ -354,16 +356,17 @@ def _first_reaching(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def top_p_cutoff(
-    x: torch.Tensor, top_p: torch.Tensor, candidates: int | None = _TOP_P_CANDIDATES
+    x: torch.Tensor, top_p: torch.Tensor, candidates: tuple[int, ...] = _TOP_P_CANDIDATES
 ) -> torch.Tensor:
     """[P] smallest logit of each row's nucleus: the most likely tokens whose mass before them is
     < top_p (at least one). x [P, V] logits (-inf = excluded), top_p [P].
 
-    On CPU, where the host may look at values for free, the nucleus is first sought among the
-    top `candidates` logits and only rows whose nucleus reaches past them sort the full row (a
-    full sort costs ~8x more there). Both paths compute the same prefix of the same cumulative
-    sum, so the result does not depend on the path. On accelerators, always the full sort:
-    deciding per row would stall the stream, and sorting is cheap there.
+    On CPU, where the host may look at values for free, the nucleus is first sought among each
+    row's top candidates[0] logits, rows whose nucleus reaches past them among the next count's,
+    and only rows past every count sort the full row. All paths compute the same prefix of the
+    same cumulative sum (a sequential cumsum: its first k values do not depend on the length),
+    so the result does not depend on the path. On accelerators, always the full sort: deciding
+    per row would stall the stream, and sorting is cheap there. candidates=() sorts everywhere.
     """
     lse = x.logsumexp(-1, keepdim=True)  # [P, 1]
 
@@ -374,13 +377,18 @@ def top_p_cutoff(
         return sorted_x.gather(1, (keep - 1).unsqueeze(1)).squeeze(1), keep
 
     vocab = x.shape[1]
-    if x.device.type != "cpu" or candidates is None or candidates >= vocab:
+    counts = [k for k in candidates if k < vocab] if x.device.type == "cpu" else []
+    if not counts:
         return nucleus(x.sort(dim=-1, descending=True).values, lse, top_p)[0]
-    cut, keep = nucleus(x.topk(candidates, dim=-1).values, lse, top_p)  # topk: descending
-    longer = (keep == candidates).nonzero().flatten()  # the nucleus may go past the candidates
-    if len(longer):
-        full = x[longer].sort(dim=-1, descending=True).values
-        cut[longer] = nucleus(full, lse[longer], top_p[longer])[0]
+    cut, keep = nucleus(x.topk(counts[0], dim=-1).values, lse, top_p)  # topk: descending
+    rows = (keep == counts[0]).nonzero().flatten()  # rows whose nucleus may go past the candidates
+    for k in counts[1:]:
+        if not len(rows):
+            return cut
+        cut[rows], keep = nucleus(x[rows].topk(k, dim=-1).values, lse[rows], top_p[rows])
+        rows = rows[keep == k]
+    if len(rows):
+        cut[rows] = nucleus(x[rows].sort(dim=-1, descending=True).values, lse[rows], top_p[rows])[0]
     return cut
 
 
