@@ -1,6 +1,7 @@
 """The eager CPU decode plan (model/eager_decode.py) computes what the modules compute, bit for
 bit: the same engine generates the same greedy tokens with the same log-probs with the plan and
-without it, for every kind of layer and KV pool the plan resolves differently."""
+without it, for every kind of layer and KV pool the plan resolves differently, and through the
+one-call C++ loop (kernels/csrc/decode_layers.cpp) where the layers qualify for it."""
 
 from __future__ import annotations
 
@@ -33,6 +34,26 @@ def qwen_dir(tmp_path_factory) -> Path:
     randomize_(model, seed=3)
     model.float().save_pretrained(str(d))
     tok = tmp_path_factory.mktemp("tokenizer")
+    save_hf_tokenizer(tok)
+    for f in tok.iterdir():
+        shutil.copy(f, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A llama checkpoint whose int4 projections are whole 64-row tiles (qkv 128 + 2 x 64 rows,
+    o_proj and down_proj 128, gate/up 2 x 256), head dim 32: the C++ loop's case."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("llama-tiles")
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config)
+    randomize_(model, seed=4)
+    model.float().save_pretrained(str(d))
+    tok = tmp_path_factory.mktemp("tokenizer-llama")
     save_hf_tokenizer(tok)
     for f in tok.iterdir():
         shutil.copy(f, d)
@@ -78,11 +99,33 @@ def _assert_same(with_plan, modules) -> None:
 ], ids=["bf16", "fp32", "int4", "int8", "int4-kv-int8", "int4-kv-fp8"])
 def test_plan_equals_modules_on_tiny_qwen2(qwen_dir, kw):
     llm = LLM(str(qwen_dir), device="cpu", num_kv_blocks=32, max_model_len=128, show_progress=False, **kw)
+    assert llm.engine.runner.decode_plan[0][0].fused is None  # padding rows, bias: the Python closures
     _assert_same(*_with_and_without_plan(llm))
 
 
-def test_plan_equals_modules_on_the_real_model(llm):
-    """SmolLM2's GGUF: int4 layers whose merged tiles carry no padding, a bf16 KV pool."""
+@pytest.mark.parametrize("kw, fused", [
+    ({"quantization": "int4"}, True),
+    ({"quantization": "int4", "quant_group_size": 64}, True),
+    ({"quantization": "int4", "kv_cache_dtype": "int8"}, False),  # a quantized pool: the closures
+    ({"quantization": "int8"}, False),
+], ids=["int4", "int4-g64", "int4-kv-int8", "int8"])
+def test_one_call_loop_equals_modules(llama_dir, kw, fused):
+    llm = LLM(str(llama_dir), device="cpu", num_kv_blocks=32, max_model_len=128, show_progress=False, **kw)
+    assert (llm.engine.runner.decode_plan[0][0].fused is not None) == fused
+    _assert_same(*_with_and_without_plan(llm))
+
+
+def test_plan_equals_modules_on_the_real_model():
+    """SmolLM2's GGUF as it runs by default: int4 layers whose merged tiles carry no padding, a
+    bf16 KV pool: the one-call C++ loop."""
+    llm = LLM(kv_cache_memory_gb=0.05, show_progress=False)
+    assert llm.engine.runner.decode_plan[0][0].fused is not None
+    _assert_same(*_with_and_without_plan(llm))
+
+
+def test_plan_equals_modules_on_the_real_model_in_float32(llm):
+    """The shared fixture: the real model dequantized to float32 (float nn.Linear closures)."""
+    assert llm.engine.runner.decode_plan[0][0].fused is None
     _assert_same(*_with_and_without_plan(llm))
 
 

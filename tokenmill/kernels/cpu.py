@@ -3,6 +3,8 @@
     csrc/decode_attention.cpp   tokenmill::paged_decode_attention(_quantized) (attention/paged.py's
                                 decode path, plain and quantized KV pools)
     csrc/layer_ops.cpp          tokenmill::rms_norm, tokenmill::rope (model/layers.py, eager steps)
+    csrc/decode_layers.cpp      tokenmill::decode_layers_int4 (model/eager_decode.py: every layer of
+                                an int4 decode step in one call)
 
 Built with torch's extension builder (g++ and ninja; `-O3 -march=native`, so the code is tuned to
 the CPU it runs on; one build per kind of CPU) into torch's extension cache (~10 s once;
@@ -41,7 +43,8 @@ def _isa_tag() -> str:
 
 
 NAME = f"tokenmill_cpu_kernels_{_isa_tag()}"
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "layer_ops.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "layer_ops.cpp",
+                                                                   "decode_layers.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 ENV_SWITCH = "TOKENMILL_CPU_KERNELS"  # "0": never build or use them
 

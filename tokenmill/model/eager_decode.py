@@ -8,6 +8,11 @@ op, which attention kernel a KV pool takes). `DecodePlan` makes those choices on
 loading, and a decode step then calls the same ops in the same order on the same tensors: the
 values are those of the modules, bit for bit (tests/test_eager_decode.py).
 
+Where every projection is a packed int4 layer of the CPU layout without padding rows or bias, and
+activations and KV pools are bfloat16 (GGUF Q4 models such as the default), the whole loop runs
+in C++ instead (kernels/csrc/decode_layers.cpp: the same ops, called without Python; ~0.6 ms
+less per token for SmolLM2).
+
 The model runner runs it for steps whose every token is a decode (no prefill chunk, no draft
 verification) on the CPU, eager, with the C++ kernels; `--compile` removes this overhead by
 itself, and CUDA graphs do on GPUs. Layers it cannot resolve (q/k/v or gate/up left unmerged)
@@ -38,10 +43,12 @@ class DecodePlan:
     """Callable as a layer group of the model's forward: plan(x, cos_sin, kv_caches, meta) runs
     every decoder layer on a decode-only step. `build` returns None where it does not apply."""
 
-    def __init__(self, layers: list[Callable], modules: list[DecoderLayer], dtype: torch.dtype) -> None:
+    def __init__(self, layers: list[Callable], modules: list[DecoderLayer], dtype: torch.dtype,
+                 fused: Callable | None = None) -> None:
         self.layers = layers
         self.modules = modules
         self.dtype = dtype  # the activations it was resolved for
+        self.fused = fused  # every layer in one C++ call, where they qualify (_fused_int4)
 
     @classmethod
     def build(cls, model: LlamaForCausalLM, kv_caches: list[tuple[Tensor, Tensor]]) -> DecodePlan | None:
@@ -51,7 +58,8 @@ class DecodePlan:
         if any(not hasattr(layer.self_attn, "qkv_proj") or not hasattr(layer.mlp, "gate_up_proj") for layer in layers):
             return None
         dtype = layers[0].input_layernorm.weight.dtype
-        return cls([_layer(layer, kv, dtype) for layer, kv in zip(layers, kv_caches)], layers, dtype)
+        return cls([_layer(layer, kv, dtype) for layer, kv in zip(layers, kv_caches)], layers, dtype,
+                   _fused_int4(layers, kv_caches, dtype))
 
     def __call__(self, x: Tensor, cos_sin: tuple[Tensor, Tensor], kv_caches, meta: AttentionMetadata) -> Tensor:
         if x.dtype != self.dtype:  # not what it was resolved for: the modules decide everything
@@ -59,6 +67,8 @@ class DecodePlan:
                 x = layer(x, cos_sin, kv_cache, meta)
             return x
         cos, sin = cos_sin
+        if self.fused is not None:
+            return self.fused(x, cos, sin, meta)
         for layer in self.layers:
             x = layer(x, cos, sin, meta)
         return x
@@ -101,6 +111,44 @@ def _layer(layer: DecoderLayer, kv_cache: tuple[Tensor, Tensor], dtype: torch.dt
         return x + reduce(down_proj(F.silu(gate_up[:, :inter]) * gate_up[:, inter:]))
 
     return forward
+
+
+def _fused_int4(layers: list[DecoderLayer], kv_caches: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Callable | None:
+    """All layers as one call of tokenmill::decode_layers_int4, where they qualify: bf16
+    activations, norms and plain KV pools, no tensor parallelism, and every projection an
+    Int4Linear of the CPU layout with one group size, no bias and no padding rows (the C++ loop
+    takes each output whole)."""
+    if dtype != ACT_DTYPE or not hasattr(torch.ops.tokenmill, "decode_layers_int4"):
+        return None
+    norms, packed, scales_zeros, groups = [], [], [], set()
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.tp is not None:
+            return None
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if norm.weight.dtype != dtype:
+                return None
+            norms.append(norm.weight)
+        for mod in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            if (not isinstance(mod, Int4Linear) or mod.kernel != "cpu" or mod.bias is not None
+                    or mod.packed.shape[0] != mod.out_features):
+                return None
+            packed.append(mod.packed)
+            scales_zeros.append(mod.scales_zeros)
+            groups.add(mod.group)
+    if len(groups) != 1 or any(isinstance(k, QuantizedKVPool) or k.dtype != dtype for k, _ in kv_caches):
+        return None
+    k_caches, v_caches = [k for k, _ in kv_caches], [v for _, v in kv_caches]
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    args = (groups.pop(), attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.gate_up_proj.out_features // 2,
+            layers[0].input_layernorm.eps, attn.scale)
+    op = torch.ops.tokenmill.decode_layers_int4
+
+    def fused(x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata) -> Tensor:
+        return op(x, norms, packed, scales_zeros, k_caches, v_caches, cos, sin, meta.slot_mapping,
+                  meta.decode_block_tables, meta.decode_ctx_lens, *args)
+
+    return fused
 
 
 def _norm(norm: RMSNorm, dtype: torch.dtype) -> Linear:
