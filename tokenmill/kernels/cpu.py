@@ -3,7 +3,7 @@
     csrc/decode_attention.cpp   tokenmill::paged_decode_attention(_quantized) (attention/paged.py's
                                 decode path, plain and quantized KV pools)
     csrc/layer_ops.cpp          tokenmill::rms_norm, tokenmill::rope (model/layers.py, eager steps)
-    csrc/decode_layers.cpp      tokenmill::decode_layers_int4 (model/eager_decode.py: every layer of
+    csrc/decode_layers.cpp      tokenmill::decode_layers_int4 (model/eager_plan.py: every layer of
                                 an int4 decode step in one call)
 
 Built with torch's extension builder (g++ and ninja; `-O3 -march=native`, so the code is tuned to

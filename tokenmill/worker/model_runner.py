@@ -34,7 +34,7 @@ import torch
 
 from tokenmill.attention.paged import AttentionMetadata
 from tokenmill.kernels import cpu as cpu_kernels
-from tokenmill.model.eager_decode import DecodePlan
+from tokenmill.model.eager_plan import EagerPlan
 from tokenmill.model.llama import LayerGroup, LlamaForCausalLM
 from tokenmill.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenmill.sample.rejection import (
@@ -113,15 +113,15 @@ class ModelRunner:
         self.sampler = Sampler()
         self.compiled_groups: list | None = None  # (compiled LayerGroup, its layer count)
         self.cuda_graphs = None  # a CudaGraphDecoder (worker/cuda_graphs.py) when enabled
-        self.decode_plan: list | None = None  # eager CPU decode without module dispatch, as one group
+        self.eager_plan: list | None = None  # eager CPU steps without module dispatch, as one group
         if device.type == "cpu":
             cpu_kernels.load()  # decode attention, norms, RoPE (built on first use; else the torch code)
         if compile_decode:
             self._compile_decode()
         elif device.type == "cpu":
-            plan = DecodePlan.build(model, kv_caches)
+            plan = EagerPlan.build(model, kv_caches)
             if plan is not None:
-                self.decode_plan = [(plan, len(plan.layers))]
+                self.eager_plan = [(plan, len(plan.layers))]
 
     def _compile_decode(self) -> None:
         """Decode-only steps run the decoder layers through torch.compile, in groups of about
@@ -258,7 +258,7 @@ class ModelRunner:
             hidden = self.cuda_graphs.run(step)  # [T, hidden]: one replay
         else:
             ids, positions, meta = self._tensors(step)
-            groups = None if meta.prefills else self.compiled_groups or self.decode_plan
+            groups = self.eager_plan if meta.prefills else self.compiled_groups or self.eager_plan
             hidden = self.model(ids, positions, self.kv_caches, meta, groups)  # [T, hidden]
         if not step.logits_idx:
             return None

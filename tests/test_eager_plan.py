@@ -1,4 +1,4 @@
-"""The eager CPU decode plan (model/eager_decode.py) computes what the modules compute, bit for
+"""The eager CPU decode plan (model/eager_plan.py) computes what the modules compute, bit for
 bit: the same engine generates the same greedy tokens with the same log-probs with the plan and
 without it, for every kind of layer and KV pool the plan resolves differently, and through the
 one-call C++ loop (kernels/csrc/decode_layers.cpp) where the layers qualify for it."""
@@ -14,7 +14,7 @@ import torch
 from tests.tiny_models import VOCAB, randomize_, save_hf_tokenizer
 from tokenmill.attention.paged import AttentionMetadata
 from tokenmill.llm import LLM
-from tokenmill.model.eager_decode import DecodePlan
+from tokenmill.model.eager_plan import EagerPlan
 from tokenmill.sampling_params import SamplingParams
 
 PROMPTS = [{"prompt_token_ids": [5, 17, 300, 4000, 12]}, {"prompt_token_ids": list(range(900, 940))}]
@@ -62,8 +62,8 @@ def llama_dir(tmp_path_factory) -> Path:
 
 def _with_and_without_plan(llm: LLM) -> tuple[list, list]:
     runner = llm.engine.runner
-    plan = runner.decode_plan
-    assert plan is not None and isinstance(plan[0][0], DecodePlan)
+    plan = runner.eager_plan
+    assert plan is not None and isinstance(plan[0][0], EagerPlan)
     calls = []
     plan_fn = plan[0][0]
 
@@ -72,14 +72,14 @@ def _with_and_without_plan(llm: LLM) -> tuple[list, list]:
         return plan_fn(*args)
 
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
-    runner.decode_plan = [(counted, plan[0][1])]
+    runner.eager_plan = [(counted, plan[0][1])]
     try:
         with_plan = llm.generate(PROMPTS, params, use_progress=False)
-        runner.decode_plan = None
+        runner.eager_plan = None
         modules = llm.generate(PROMPTS, params, use_progress=False)
     finally:
-        runner.decode_plan = plan
-    assert len(calls) >= 10, "the decode steps did not run the plan"
+        runner.eager_plan = plan
+    assert len(calls) >= 3, "the steps did not run the plan"
     return with_plan, modules
 
 
@@ -96,10 +96,11 @@ def _assert_same(with_plan, modules) -> None:
     {"quantization": "int8"},  # another packed kind: through its own forward
     {"quantization": "int4", "kv_cache_dtype": "int8"},  # quantized pools: the generic attention
     {"quantization": "int4", "kv_cache_dtype": "fp8"},
-], ids=["bf16", "fp32", "int4", "int8", "int4-kv-int8", "int4-kv-fp8"])
+    {"quantization": "int4", "max_num_batched_tokens": 16},  # chunked prefill beside decodes: mixed steps
+], ids=["bf16", "fp32", "int4", "int8", "int4-kv-int8", "int4-kv-fp8", "int4-mixed-steps"])
 def test_plan_equals_modules_on_tiny_qwen2(qwen_dir, kw):
     llm = LLM(str(qwen_dir), device="cpu", num_kv_blocks=32, max_model_len=128, show_progress=False, **kw)
-    assert llm.engine.runner.decode_plan[0][0].fused is None  # padding rows, bias: the Python closures
+    assert llm.engine.runner.eager_plan[0][0].fused is None  # padding rows, bias: the Python closures
     _assert_same(*_with_and_without_plan(llm))
 
 
@@ -111,7 +112,7 @@ def test_plan_equals_modules_on_tiny_qwen2(qwen_dir, kw):
 ], ids=["int4", "int4-g64", "int4-kv-int8", "int8"])
 def test_one_call_loop_equals_modules(llama_dir, kw, fused):
     llm = LLM(str(llama_dir), device="cpu", num_kv_blocks=32, max_model_len=128, show_progress=False, **kw)
-    assert (llm.engine.runner.decode_plan[0][0].fused is not None) == fused
+    assert (llm.engine.runner.eager_plan[0][0].fused is not None) == fused
     _assert_same(*_with_and_without_plan(llm))
 
 
@@ -119,13 +120,25 @@ def test_plan_equals_modules_on_the_real_model():
     """SmolLM2's GGUF as it runs by default: int4 layers whose merged tiles carry no padding, a
     bf16 KV pool: the one-call C++ loop."""
     llm = LLM(kv_cache_memory_gb=0.05, show_progress=False)
-    assert llm.engine.runner.decode_plan[0][0].fused is not None
+    assert llm.engine.runner.eager_plan[0][0].fused is not None
+    _assert_same(*_with_and_without_plan(llm))
+
+
+@pytest.mark.parametrize("method", ["ngram", "self"])
+def test_plan_equals_modules_under_speculative_decoding(method):
+    """Verification steps (k + 1 tokens per request) take the closures with the generic
+    attention; the draft model of method self has a plan of its own."""
+    spec = {"method": method, "num_speculative_tokens": 3, "adaptive": False}
+    target = {"quantization": "none", "dtype": "bfloat16"} if method == "self" else {}  # self: a float target
+    llm = LLM(kv_cache_memory_gb=0.05, speculative=spec, show_progress=False, **target)
+    if method == "self":  # the int4 draft of SmolLM2's float weights: whole tiles, the C++ loop
+        assert llm.engine.proposer.runner.eager_plan[0][0].fused is not None
     _assert_same(*_with_and_without_plan(llm))
 
 
 def test_plan_equals_modules_on_the_real_model_in_float32(llm):
     """The shared fixture: the real model dequantized to float32 (float nn.Linear closures)."""
-    assert llm.engine.runner.decode_plan[0][0].fused is None
+    assert llm.engine.runner.eager_plan[0][0].fused is None
     _assert_same(*_with_and_without_plan(llm))
 
 
@@ -136,10 +149,10 @@ def test_no_plan_where_layers_stay_unmerged(llm):
     qkv = attn.qkv_proj
     del attn.qkv_proj
     try:
-        assert DecodePlan.build(model, llm.engine.runner.kv_caches) is None
+        assert EagerPlan.build(model, llm.engine.runner.kv_caches) is None
     finally:
         attn.qkv_proj = qkv
-    assert DecodePlan.build(model, llm.engine.runner.kv_caches) is not None
+    assert EagerPlan.build(model, llm.engine.runner.kv_caches) is not None
 
 
 def test_other_activations_fall_back_to_the_modules(qwen_dir):
@@ -147,7 +160,7 @@ def test_other_activations_fall_back_to_the_modules(qwen_dir):
     modules (which choose their kernels per call) rather than kernels resolved for bf16."""
     llm = LLM(str(qwen_dir), device="cpu", quantization="int4", num_kv_blocks=8, max_model_len=64,
               show_progress=False)
-    plan = llm.engine.runner.decode_plan[0][0]
+    plan = llm.engine.runner.eager_plan[0][0]
     ran = []
     layers = plan.modules
     originals = [layer.forward for layer in layers]

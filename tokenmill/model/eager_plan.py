@@ -1,22 +1,24 @@
-"""Eager CPU decode without module dispatch: each decoder layer resolved once into a closure.
+"""Eager CPU steps without module dispatch: each decoder layer resolved once into a closure.
 
 A small model's decode step on the CPU is short (SmolLM2-135M at batch 1: ~4.5 ms of kernels per
 token), and the module path spends ~1.7 ms more per token in Python around those kernels:
 `nn.Module.__call__` and attribute lookups on eight modules per layer, and checks that cannot
 change between steps (which kernel a layer was packed for, whether a norm's dtype suits the C++
-op, which attention kernel a KV pool takes). `DecodePlan` makes those choices once, after
-loading, and a decode step then calls the same ops in the same order on the same tensors: the
-values are those of the modules, bit for bit (tests/test_eager_decode.py).
+op, which attention kernel a KV pool takes). `EagerPlan` makes those choices once, after
+loading, and a step then calls the same ops in the same order on the same tensors: the values
+are those of the modules, bit for bit (tests/test_eager_plan.py).
 
-Where every projection is a packed int4 layer of the CPU layout without padding rows or bias, and
-activations and KV pools are bfloat16 (GGUF Q4 models such as the default), the whole loop runs
-in C++ instead (kernels/csrc/decode_layers.cpp: the same ops, called without Python; ~0.6 ms
-less per token for SmolLM2).
+Steps whose every token is a decode attend through the C++ decode kernel directly; steps with
+prefill chunks or draft verification (speculative decoding) go through `paged_attention` and
+`write_kv`, as the modules do. Where every projection is a packed int4 layer of the CPU layout
+without padding rows or bias, and activations and KV pools are bfloat16 (GGUF Q4 models such as
+the default), decode-only steps run the whole loop in C++ (kernels/csrc/decode_layers.cpp: the
+same ops, called without Python; ~0.8 ms less per token for SmolLM2).
 
-The model runner runs it for steps whose every token is a decode (no prefill chunk, no draft
-verification) on the CPU, eager, with the C++ kernels; `--compile` removes this overhead by
-itself, and CUDA graphs do on GPUs. Layers it cannot resolve (q/k/v or gate/up left unmerged)
-leave the model on the module path.
+The model runner runs it for every eager step on the CPU with the C++ kernels; `--compile`
+removes this overhead by itself (its compiled groups serve decode-only steps), and CUDA graphs
+do on GPUs. Layers it cannot resolve (q/k/v or gate/up left unmerged) leave the model on the
+module path.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ Tensor = torch.Tensor
 Linear = Callable[[Tensor], Tensor]
 
 
-class DecodePlan:
+class EagerPlan:
     """Callable as a layer group of the model's forward: plan(x, cos_sin, kv_caches, meta) runs
-    every decoder layer on a decode-only step. `build` returns None where it does not apply."""
+    every decoder layer of a step. `build` returns None where it does not apply."""
 
     def __init__(self, layers: list[Callable], modules: list[DecoderLayer], dtype: torch.dtype,
                  fused: Callable | None = None) -> None:
@@ -51,7 +53,7 @@ class DecodePlan:
         self.fused = fused  # every layer in one C++ call, where they qualify (_fused_int4)
 
     @classmethod
-    def build(cls, model: LlamaForCausalLM, kv_caches: list[tuple[Tensor, Tensor]]) -> DecodePlan | None:
+    def build(cls, model: LlamaForCausalLM, kv_caches: list[tuple[Tensor, Tensor]]) -> EagerPlan | None:
         layers = list(model.model.layers)
         if not layers or not cpu_kernels.available() or next(model.parameters()).device.type != "cpu":
             return None
@@ -67,7 +69,7 @@ class DecodePlan:
                 x = layer(x, cos_sin, kv_cache, meta)
             return x
         cos, sin = cos_sin
-        if self.fused is not None:
+        if self.fused is not None and not meta.prefills:
             return self.fused(x, cos, sin, meta)
         for layer in self.layers:
             x = layer(x, cos, sin, meta)
@@ -99,7 +101,7 @@ def _layer(layer: DecoderLayer, kv_cache: tuple[Tensor, Tensor], dtype: torch.dt
         qkv = qkv_proj(norm1(x))  # [T, (H + 2 Hkv) D]
         q, k = rope(qkv[:, :qk_size].view(t, -1, d), cos, sin).split([h, hkv], dim=1)
         v = qkv[:, qk_size:].view(t, hkv, d)
-        if plain:
+        if plain and not meta.prefills:  # all decodes: paged_attention's first branch, without its checks
             k_rows.index_copy_(0, meta.slot_mapping, k)
             v_rows.index_copy_(0, meta.slot_mapping, v)
             o = decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale)
