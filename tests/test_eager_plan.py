@@ -5,7 +5,6 @@ one-call C++ loop (kernels/csrc/decode_layers.cpp) where the layers qualify for 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,24 +19,28 @@ from tokenmill.sampling_params import SamplingParams
 PROMPTS = [{"prompt_token_ids": [5, 17, 300, 4000, 12]}, {"prompt_token_ids": list(range(900, 940))}]
 
 
+COMMON = {"vocab_size": VOCAB, "max_position_embeddings": 512, "tie_word_embeddings": False,
+          "bos_token_id": 1, "eos_token_id": 2, "num_key_value_heads": 2}
+
+
+def _checkpoint(tmp_path_factory, name: str, model, seed: int) -> Path:
+    """A Hugging Face directory of `model` with random weights and the real tokenizer."""
+    d = tmp_path_factory.mktemp(name)
+    randomize_(model, seed=seed)
+    model.float().save_pretrained(str(d))
+    save_hf_tokenizer(d)
+    return d
+
+
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory) -> Path:
     """A Qwen2-shaped checkpoint (q/k/v bias) whose merged qkv (96 + 2 x 32 rows), o_proj and
     down_proj (96 rows) are not whole 64-row int4 tiles: their packed outputs carry padding."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    d = tmp_path_factory.mktemp("qwen2-padded")
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_theta=1e6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    model = Qwen2ForCausalLM(config)
-    randomize_(model, seed=3)
-    model.float().save_pretrained(str(d))
-    tok = tmp_path_factory.mktemp("tokenizer")
-    save_hf_tokenizer(tok)
-    for f in tok.iterdir():
-        shutil.copy(f, d)
-    return d
+    config = Qwen2Config(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                         rope_theta=1e6, **COMMON)
+    return _checkpoint(tmp_path_factory, "qwen2-padded", Qwen2ForCausalLM(config), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +49,9 @@ def llama_dir(tmp_path_factory) -> Path:
     o_proj and down_proj 128, gate/up 2 x 256), head dim 32: the C++ loop's case."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    d = tmp_path_factory.mktemp("llama-tiles")
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
-    randomize_(model, seed=4)
-    model.float().save_pretrained(str(d))
-    tok = tmp_path_factory.mktemp("tokenizer-llama")
-    save_hf_tokenizer(tok)
-    for f in tok.iterdir():
-        shutil.copy(f, d)
-    return d
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                         **COMMON)
+    return _checkpoint(tmp_path_factory, "llama-tiles", LlamaForCausalLM(config), seed=4)
 
 
 def _with_and_without_plan(llm: LLM) -> tuple[list, list]:
