@@ -117,9 +117,8 @@ def _layer(layer: DecoderLayer, kv_cache: tuple[Tensor, Tensor], dtype: torch.dt
 
 def _fused_int4(layers: list[DecoderLayer], kv_caches: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Callable | None:
     """All layers as one call of tokenmill::decode_layers_int4, where they qualify: bf16
-    activations, norms and plain KV pools, no tensor parallelism, and every projection an
-    Int4Linear of the CPU layout with one group size, no bias and no padding rows (the C++ loop
-    takes each output whole)."""
+    activations, norms and plain KV pools, no tensor parallelism, and every projection a
+    `_whole_int4` layer, all of one group size (the C++ loop takes each output whole)."""
     if dtype != ACT_DTYPE or not hasattr(torch.ops.tokenmill, "decode_layers_int4"):
         return None
     norms, packed, scales_zeros, groups = [], [], [], set()
@@ -132,8 +131,7 @@ def _fused_int4(layers: list[DecoderLayer], kv_caches: list[tuple[Tensor, Tensor
                 return None
             norms.append(norm.weight)
         for mod in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            if (not isinstance(mod, Int4Linear) or mod.kernel != "cpu" or mod.bias is not None
-                    or mod.packed.shape[0] != mod.out_features):
+            if not _whole_int4(mod):
                 return None
             packed.append(mod.packed)
             scales_zeros.append(mod.scales_zeros)
@@ -153,6 +151,13 @@ def _fused_int4(layers: list[DecoderLayer], kv_caches: list[tuple[Tensor, Tensor
     return fused
 
 
+def _whole_int4(mod: nn.Module) -> bool:
+    """An int4 layer of the CPU layout whose kernel output is its output as is: no padding rows
+    to drop, no bias to add."""
+    return (isinstance(mod, Int4Linear) and mod.kernel == "cpu" and mod.bias is None
+            and mod.packed.shape[0] == mod.out_features)
+
+
 def _norm(norm: RMSNorm, dtype: torch.dtype) -> Linear:
     """RMSNorm.forward for 2-D activations of `dtype`."""
     if norm.weight.dtype != dtype:  # the module's torch path
@@ -167,7 +172,7 @@ def _linear(mod: nn.Module, dtype: torch.dtype) -> Linear:
     if isinstance(mod, Int4Linear) and mod.kernel == "cpu" and dtype == ACT_DTYPE:
         packed, group, scales_zeros, n, bias = mod.packed, mod.group, mod.scales_zeros, mod.out_features, mod.bias
         op = torch.ops.aten._weight_int4pack_mm_for_cpu
-        if packed.shape[0] == n and bias is None:
+        if _whole_int4(mod):
             return lambda x: op(x.contiguous(), packed, group, scales_zeros)
 
         def int4(x: Tensor) -> Tensor:  # QuantLinear.forward: padding rows dropped, bias added
