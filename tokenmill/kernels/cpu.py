@@ -5,6 +5,9 @@
     csrc/layer_ops.cpp          tokenmill::rms_norm, tokenmill::rope (model/layers.py, eager steps)
     csrc/decode_layers.cpp      tokenmill::decode_layers_int4 (model/eager_plan.py: every layer of
                                 an int4 decode step in one call)
+    csrc/int4_mm.cpp            tokenmill::int4_mm, tokenmill::int8_mm (quant/int4.py, int8.py:
+    csrc/int8_mm.cpp            packed weights x bf16 for CPUs without AVX-512, where torch's
+                                kernels convert bf16 in software)
 
 Built with torch's extension builder (g++ and ninja; `-O3 -march=native`, so the code is tuned to
 the CPU it runs on; one build per kind of CPU) into torch's extension cache (~10 s once;
@@ -44,7 +47,8 @@ def _isa_tag() -> str:
 
 NAME = f"tokenmill_cpu_kernels_{_isa_tag()}"
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "layer_ops.cpp",
-                                                                   "decode_layers.cpp")]
+                                                                   "decode_layers.cpp", "int4_mm.cpp",
+                                                                   "int8_mm.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 ENV_SWITCH = "TOKENMILL_CPU_KERNELS"  # "0": never build or use them
 
@@ -126,6 +130,14 @@ def _register_fakes() -> None:
     def _(x, cos, sin):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("tokenmill::int4_mm")
+    def _(x, packed, group, scales_zeros, tile, scalar=False):
+        return x.new_empty((x.shape[0], scales_zeros.shape[1]))
+
+    @torch.library.register_fake("tokenmill::int8_mm")
+    def _(x, q, scale, scalar=False):
+        return x.new_empty((x.shape[0], q.shape[0]))
+
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -149,3 +161,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, N, D] rotated (rotate-half) by cos/sin [T, 1, D/2] float32; contiguous output."""
     return torch.ops.tokenmill.rope(x, cos, sin)
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor, tile: int,
+            scalar: bool = False) -> torch.Tensor:
+    """x [M, K] bf16 times a packed int4 weight of torch's CPU layout with `tile`-row tiles
+    (quant/int4.py), [M, Np] bf16; float32 arithmetic, the same for every M (csrc/int4_mm.cpp).
+    `scalar` runs the plain C++ form instead of the AVX2 one (same bits; tests)."""
+    return torch.ops.tokenmill.int4_mm(x, packed, group, scales_zeros, tile, scalar)
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scalar: bool = False) -> torch.Tensor:
+    """x [M, Kp] bf16 times int8 q [N, Kp] with one bf16 scale per row, [M, N] bf16; float32
+    arithmetic, the same for every M (csrc/int8_mm.cpp). `scalar`: the plain C++ form (same bits)."""
+    return torch.ops.tokenmill.int8_mm(x, q, scale, scalar)

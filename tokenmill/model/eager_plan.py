@@ -33,8 +33,8 @@ from tokenmill.attention.paged import AttentionMetadata, paged_attention, write_
 from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.model.layers import RMSNorm
 from tokenmill.model.llama import DecoderLayer, LlamaForCausalLM
-from tokenmill.quant.base import ACT_DTYPE, QuantLinear
-from tokenmill.quant.int4 import Int4Linear
+from tokenmill.quant.base import ACT_DTYPE, QuantLinear, cpu_packed_kernel
+from tokenmill.quant.int4 import Int4Linear, cpu_int4_op, cpu_tile_rows
 from tokenmill.quant.kv import QuantizedKVPool
 
 Tensor = torch.Tensor
@@ -140,7 +140,8 @@ def _fused_int4(layers: list[DecoderLayer], kv_caches: list[tuple[Tensor, Tensor
         return None
     k_caches, v_caches = [k for k, _ in kv_caches], [v for _, v in kv_caches]
     attn, mlp = layers[0].self_attn, layers[0].mlp
-    args = (groups.pop(), attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.gate_up_proj.out_features // 2,
+    int4_tile = cpu_tile_rows() if cpu_packed_kernel() == "tokenmill" else 0  # 0: torch's kernel
+    args = (groups.pop(), int4_tile, attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.gate_up_proj.out_features // 2,
             layers[0].input_layernorm.eps, attn.scale)
     op = torch.ops.tokenmill.decode_layers_int4
 
@@ -171,7 +172,7 @@ def _linear(mod: nn.Module, dtype: torch.dtype) -> Linear:
     nn.Linear as one op over tensors read once; other packed layers through their forward."""
     if isinstance(mod, Int4Linear) and mod.kernel == "cpu" and dtype == ACT_DTYPE:
         packed, group, scales_zeros, n, bias = mod.packed, mod.group, mod.scales_zeros, mod.out_features, mod.bias
-        op = torch.ops.aten._weight_int4pack_mm_for_cpu
+        op = cpu_int4_op()
         if _whole_int4(mod):
             return lambda x: op(x.contiguous(), packed, group, scales_zeros)
 

@@ -16,9 +16,14 @@ holds no data and routes `F.linear` back to the module's kernel; any other use o
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill.config import ConfigError
 
 ACT_DTYPE = torch.bfloat16  # activations of every packed kernel
 
@@ -105,6 +110,33 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table.rows(ids).to(self.dtype)  # [T, hidden]
+
+
+CPU_PACKED_KERNELS = ("auto", "tokenmill", "torch")
+
+
+@functools.cache
+def cpu_packed_kernel() -> str:
+    """tokenmill | torch: the kernels packed int4 and int8 layers run on the CPU.
+    TOKENMILL_CPU_PACKED=auto (default) takes tokenmill's (kernels/csrc/int4_mm.cpp, int8_mm.cpp)
+    where torch has no AVX-512 kernels, which there convert bf16 in software (on two Zen 3 cores,
+    batch 1: int4 ~2x, the int8 LM head ~2.5x the bytes per second; docs/quantization.md), and
+    where the C++ kernels are built; torch's elsewhere."""
+    choice = os.environ.get("TOKENMILL_CPU_PACKED", "auto")
+    if choice not in CPU_PACKED_KERNELS:
+        raise ConfigError(f"TOKENMILL_CPU_PACKED={choice!r}: accepted {', '.join(CPU_PACKED_KERNELS)}")
+    if choice == "torch":
+        return "torch"
+    from tokenmill.kernels import cpu as cpu_kernels
+
+    if not cpu_kernels.load():
+        if choice == "tokenmill":
+            raise ConfigError("TOKENMILL_CPU_PACKED=tokenmill needs the C++ CPU kernels, which are unavailable "
+                              "(see the log)")
+        return "torch"
+    if choice == "tokenmill" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return "tokenmill"
+    return "torch"
 
 
 def dense_min_tokens(device: torch.device) -> int:

@@ -6,14 +6,18 @@ zero = min + 8 * scale; scale and zero are rounded to bf16 (the kernel's dtype) 
 computed. GGUF Q4_0 / Q4_1 / Q4_K blocks map onto it exactly (see gguf.py).
 
 CPU layout (`aten._convert_weight_to_int4pack_for_cpu`, checked by tests/quant): N is padded
-to a multiple of 64 and the packed weight is uint8 [Np, K/2] read as
+to a multiple of 64 and the packed weight is uint8 [Np, K/2] read, for tiles of T rows, as
 
-    packed.view(Np/64, K, 32)[b, k, j] = q[64b + j, k] | q[64b + 32 + j, k] << 4
+    packed.view(Np/T, K, T/2)[b, k, j] = q[Tb + j, k] | q[Tb + T/2 + j, k] << 4
 
     scales_zeros  bf16 [K/group, Np, 2]   (scale, zero) per group and output row
 
-Kernel: `aten._weight_int4pack_mm_for_cpu(x bf16, packed, group, scales_zeros)`. On CUDA, one
-of two, chosen when the layer is built by TOKENMILL_CUDA_INT4:
+T is 64 where torch runs its AVX-512 kernels and 32 on AVX2 CPUs (torch picks by the CPU it runs
+on; `cpu_tile_rows` asks it once). Kernel (base.cpu_packed_kernel): torch's
+`aten._weight_int4pack_mm_for_cpu(x bf16, packed, group, scales_zeros)`, or on CPUs without
+AVX-512 (where torch converts bf16 in software) tokenmill's `int4_mm` over the same tensors
+(kernels/csrc/int4_mm.cpp). On CUDA, one of two, chosen when the layer is built by
+TOKENMILL_CUDA_INT4:
   - `tinygemm` (default): `aten._weight_int4pack_mm` (sm80+) over
     `aten._convert_weight_to_int4pack`, an opaque tile layout (layers stay unfused);
   - `triton`: quant/triton_int4.py (its own layout, fusable). On an H200 (8B shapes, group 32)
@@ -26,16 +30,18 @@ The kernel runs at every M: unpacking to bf16 for a dense GEMM measured slower o
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from tokenmill.config import ConfigError, EngineConfig
-from tokenmill.quant.base import ACT_DTYPE, QuantLinear, check_k_multiple
+from tokenmill.quant.base import ACT_DTYPE, QuantLinear, check_k_multiple, cpu_packed_kernel
 
 GROUP_SIZES = EngineConfig.GROUP_SIZES  # 32, 64, 128
-N_BLOCK = 64  # rows per CPU tile
+N_BLOCK = 64  # CPU layers are padded to whole 64-row blocks (one tile, or two of 32 rows)
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,6 +84,34 @@ def int4_kernel(device: torch.device) -> str:
     return "cpu"
 
 
+@functools.cache
+def cpu_tile_rows() -> int:
+    """Rows per tile of torch's CPU int4pack layout on this CPU (64 or 32), read off a packed
+    probe: which reading of the module docstring's layout gives the codes back."""
+    n, k = N_BLOCK, 32
+    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    for tile in (64, 32):
+        if torch.equal(unpack_cpu_tiles(packed, n, k, tile).long(), q):
+            return tile
+    raise RuntimeError("torch's CPU int4pack layout is neither 64- nor 32-row tiles; this torch is not supported")
+
+
+def unpack_cpu_tiles(packed: torch.Tensor, np_: int, k: int, tile: int) -> torch.Tensor:
+    """q uint8 [Np, K] from the CPU layout with `tile`-row tiles (module docstring)."""
+    p = packed.view(np_ // tile, k, tile // 2)  # [Np/T, K, T/2]
+    q = torch.cat([p & 0xF, p >> 4], dim=-1)  # [Np/T, K, T]: rows j and T/2 + j
+    return q.transpose(1, 2).reshape(np_, k)
+
+
+def cpu_int4_op() -> Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]:
+    """(x bf16 [M, K], packed, group, scales_zeros) -> [M, Np] bf16: the chosen CPU kernel."""
+    if cpu_packed_kernel() == "torch":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu
+    op, tile = torch.ops.tokenmill.int4_mm, cpu_tile_rows()
+    return lambda x, packed, group, scales_zeros: op(x, packed, group, scales_zeros, tile)
+
+
 def int4pack_available(device: torch.device) -> bool:
     if device.type == "cpu":
         return torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int4pack_mm_for_cpu", "CPU")
@@ -117,13 +151,13 @@ class Int4Linear(QuantLinear):
     def can_concat_packed(mods: list[Int4Linear]) -> bool:
         """Whether concat_packed can merge these layers, which merge_linears has found mergeable
         (one group size, one input width): CPU layout, and every layer but the last a whole
-        number of N_BLOCK-row tiles (so none carries padding rows into the middle)."""
+        number of N_BLOCK-row blocks (whole tiles, so none carries padding rows into the middle)."""
         return all(m.kernel == "cpu" for m in mods) and all(m.out_features % N_BLOCK == 0 for m in mods[:-1])
 
     @classmethod
     def concat_packed(cls, mods: list[Int4Linear], bias: torch.Tensor | None = None) -> Int4Linear:
         """The layers' output rows as one layer, built from their packed tiles as they are: a CPU
-        tile holds 64 whole rows, contiguous, so the packed tensors and the [K/g, Np, 2] scales
+        tile holds 64 or 32 whole rows, contiguous, so the packed tensors and the [K/g, Np, 2] scales
         concatenate along the rows (the last layer's padding rows end the merged layer). At load
         this replaces unpacking and repacking every q/k/v and gate/up."""
         first = mods[0]
@@ -151,7 +185,7 @@ class Int4Linear(QuantLinear):
         if self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.contiguous(), self.packed, self.group, self.scales_zeros)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_zeros)
+            y = cpu_int4_op()(x.contiguous(), self.packed, self.group, self.scales_zeros)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
     def codes(self) -> torch.Tensor:
@@ -161,10 +195,8 @@ class Int4Linear(QuantLinear):
             from tokenmill.quant.triton_int4 import unpack_int4_triton
 
             return unpack_int4_triton(self.packed, self.out_features, self.group)
-        np_, k = self.scales_zeros.shape[1], self.in_features
-        p = self.packed.view(np_ // N_BLOCK, k, N_BLOCK // 2)  # [Np/64, K, 32]
-        q = torch.cat([p & 0xF, p >> 4], dim=-1)  # [Np/64, K, 64]: rows j and 32 + j
-        return q.transpose(1, 2).reshape(np_, k)[: self.out_features]
+        return unpack_cpu_tiles(self.packed, self.scales_zeros.shape[1], self.in_features,
+                                cpu_tile_rows())[: self.out_features]
 
     def dequantize(self) -> torch.Tensor:
         if self.kernel == "tinygemm":  # an opaque tile layout: read the weight back through the kernel

@@ -6,7 +6,8 @@
 
 Kernel: `aten._weight_int8pack_mm(x bf16 [M, Kp], q, scale)` on CPU (and on CUDA where this
 torch build has it); for M >= dense_min_tokens the weight is dequantized to bf16 and one
-dense GEMM runs.
+dense GEMM runs. On CPUs without AVX-512 (base.cpu_packed_kernel) tokenmill's `int8_mm` over the
+same tensors runs at every M instead (kernels/csrc/int8_mm.cpp; a bf16 GEMM is slow there too).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.quant.base import ACT_DTYPE, QuantLinear, dense_min_tokens
+from tokenmill.quant.base import ACT_DTYPE, QuantLinear, cpu_packed_kernel, dense_min_tokens
 
 K_STEP = 16  # the CPU kernel reads garbage (or crashes) when K is not a multiple of 16
 
@@ -52,12 +53,15 @@ class Int8Linear(QuantLinear):
         return cls(*quantize_int8(w), bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= self.dense_from or not self.packed_kernel:
+        own = x.device.type == "cpu" and cpu_packed_kernel() == "tokenmill"
+        if not own and (x.shape[0] >= self.dense_from or not self.packed_kernel):
             w = self.qweight[:, : self.in_features].to(ACT_DTYPE) * self.scale[:, None]
             return F.linear(x, w)
         kp = self.qweight.shape[1]
         if kp != self.in_features:
             x = F.pad(x, (0, kp - self.in_features))
+        if own:
+            return torch.ops.tokenmill.int8_mm(x.contiguous(), self.qweight, self.scale)
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scale)
 
     def dequantize(self) -> torch.Tensor:

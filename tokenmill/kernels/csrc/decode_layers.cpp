@@ -13,10 +13,13 @@
 //   x = x + int4mm(o, W_o); g, u = int4mm(rms_norm(x, n2), W_gate_up) halves
 //   x = x + int4mm(silu(g) * u, W_down)
 //
+// int4mm is torch's aten::_weight_int4pack_mm_for_cpu, or with int4_tile > 0 (the layout's rows
+// per tile) tokenmill::int4_mm (int4_mm.cpp), as quant/int4.py chooses for the modules.
+//
 // Schema (registered below; the layer lists hold 2 norms and 4 packed weights per layer):
 //   tokenmill::decode_layers_int4(Tensor x [T, hidden] bf16, Tensor[] norms, Tensor[] packed,
 //       Tensor[] scales_zeros, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor cos, Tensor sin,
-//       Tensor slots [T], Tensor block_tables [T, W], Tensor ctx_lens [T], int group, int heads,
+//       Tensor slots [T], Tensor block_tables [T, W], Tensor ctx_lens [T], int group, int int4_tile, int heads,
 //       int kv_heads, int head_dim, int intermediate, float eps, float scale) -> Tensor [T, hidden]
 
 #include <ATen/ATen.h>
@@ -29,14 +32,18 @@ namespace {
 
 using Tensor = at::Tensor;
 
-at::Tensor int4mm(const Tensor& x, const Tensor& packed, int64_t group, const Tensor& scales_zeros) {
+at::Tensor int4mm(const Tensor& x, const Tensor& packed, int64_t group, const Tensor& scales_zeros, int64_t tile) {
+  static const auto own = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("tokenmill::int4_mm", "")
+                              .typed<Tensor(const Tensor&, const Tensor&, int64_t, const Tensor&, int64_t, bool)>();
+  if (tile > 0) return own.call(x.contiguous(), packed, group, scales_zeros, tile, false);
   return at::_weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, scales_zeros);
 }
 
 Tensor decode_layers_int4(const Tensor& x0, at::TensorList norms, at::TensorList packed, at::TensorList scales_zeros,
                           at::TensorList k_caches, at::TensorList v_caches, const Tensor& cos, const Tensor& sin,
                           const Tensor& slots, const Tensor& block_tables, const Tensor& ctx_lens, int64_t group,
-                          int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+                          int64_t int4_tile, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
                           double scale) {
   static const auto rms_norm = c10::Dispatcher::singleton()
                                    .findSchemaOrThrow("tokenmill::rms_norm", "")
@@ -59,18 +66,18 @@ Tensor decode_layers_int4(const Tensor& x0, at::TensorList norms, at::TensorList
   const int64_t t = x0.size(0), qk = (heads + kv_heads) * head_dim;
   Tensor x = x0;
   for (int64_t l = 0; l < n; ++l) {
-    const Tensor qkv = int4mm(rms_norm.call(x, norms[2 * l], eps), packed[4 * l], group, scales_zeros[4 * l]);
+    const Tensor qkv = int4mm(rms_norm.call(x, norms[2 * l], eps), packed[4 * l], group, scales_zeros[4 * l], int4_tile);
     const std::vector<Tensor> q_k =
         rope.call(qkv.slice(1, 0, qk).view({t, heads + kv_heads, head_dim}), cos, sin).split_with_sizes({heads, kv_heads}, 1);
     const Tensor v = qkv.slice(1, qk).view({t, kv_heads, head_dim});
     k_caches[l].view({-1, kv_heads, head_dim}).index_copy_(0, slots, q_k[1]);
     v_caches[l].view({-1, kv_heads, head_dim}).index_copy_(0, slots, v);
     const Tensor o = attend.call(q_k[0], k_caches[l], v_caches[l], block_tables, ctx_lens, scale);
-    x = at::add(x, int4mm(o.reshape({t, heads * head_dim}), packed[4 * l + 1], group, scales_zeros[4 * l + 1]));
+    x = at::add(x, int4mm(o.reshape({t, heads * head_dim}), packed[4 * l + 1], group, scales_zeros[4 * l + 1], int4_tile));
     const Tensor gate_up =
-        int4mm(rms_norm.call(x, norms[2 * l + 1], eps), packed[4 * l + 2], group, scales_zeros[4 * l + 2]);
+        int4mm(rms_norm.call(x, norms[2 * l + 1], eps), packed[4 * l + 2], group, scales_zeros[4 * l + 2], int4_tile);
     const Tensor act = at::mul(at::silu(gate_up.slice(1, 0, intermediate)), gate_up.slice(1, intermediate));
-    x = at::add(x, int4mm(act, packed[4 * l + 3], group, scales_zeros[4 * l + 3]));
+    x = at::add(x, int4mm(act, packed[4 * l + 3], group, scales_zeros[4 * l + 3], int4_tile));
   }
   return x;
 }
@@ -80,7 +87,7 @@ Tensor decode_layers_int4(const Tensor& x0, at::TensorList norms, at::TensorList
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("decode_layers_int4(Tensor x, Tensor[] norms, Tensor[] packed, Tensor[] scales_zeros, "
         "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor cos, Tensor sin, Tensor slots, "
-        "Tensor block_tables, Tensor ctx_lens, int group, int heads, int kv_heads, int head_dim, "
+        "Tensor block_tables, Tensor ctx_lens, int group, int int4_tile, int heads, int kv_heads, int head_dim, "
         "int intermediate, float eps, float scale) -> Tensor");
 }
 

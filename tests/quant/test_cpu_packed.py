@@ -1,0 +1,148 @@
+"""tokenmill's CPU packed kernels (kernels/csrc/int4_mm.cpp, int8_mm.cpp) and torch's CPU
+int4pack layout.
+
+torch lays packed int4 weights out in 64-row tiles where it runs AVX-512 kernels and in 32-row
+tiles on AVX2 CPUs; `cpu_tile_rows` reads the layout off torch, and the kernel takes either. Both
+tile sizes are tested on every machine: the one torch packs here through torch, the other packed
+by hand from the layout's definition (quant/int4.py's docstring).
+
+The kernels' arithmetic is float32 and the same for every batch size, so: the AVX2 form equals
+the plain C++ form bit for bit, a row's output does not depend on the rows beside it, and the
+result is within the bf16 output rounding of the dequantized reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenmill.config import ConfigError
+from tokenmill.kernels import cpu as cpu_kernels
+from tokenmill.quant import base
+from tokenmill.quant.int4 import Int4Linear, cpu_tile_rows, dequantize_int4, quantize_int4, unpack_cpu_tiles
+from tokenmill.quant.int8 import Int8Linear
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="needs the C++ CPU kernels (g++ and ninja)")
+
+
+def pack_by_hand(q: torch.Tensor, tile: int) -> torch.Tensor:
+    """q [Np, K] (codes 0..15, Np a multiple of 64) in the CPU layout with `tile`-row tiles."""
+    np_, k = q.shape
+    t = q.to(torch.uint8).view(np_ // tile, tile, k).transpose(1, 2)  # [Np/T, K, T]
+    return (t[..., : tile // 2] | t[..., tile // 2:] << 4).contiguous().view(np_, k // 2)
+
+
+def weights(n: int, k: int, group: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    scale = (torch.rand(n, k // group, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    zero = (torch.randn(n, k // group, generator=g) * 0.05).to(torch.bfloat16)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+    return q, sz, dequantize_int4(q, scale, zero, group)
+
+
+def test_tile_rows_read_off_torch():
+    tile = cpu_tile_rows()
+    assert tile in (32, 64)
+    q, _, _ = weights(192, 96, 32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(packed.view(torch.uint8), pack_by_hand(q, tile))
+    assert torch.equal(unpack_cpu_tiles(packed, 192, 96, tile).int(), q)
+
+
+@pytest.mark.parametrize("tile", [32, 64])
+@pytest.mark.parametrize("n,k,group", [(64, 32, 32), (192, 256, 64), (128, 384, 128), (320, 576, 32)])
+def test_kernel_equals_plain_form_and_reference(tile, n, k, group):
+    q, sz, w = weights(n, k, group, seed=n + k)
+    packed = pack_by_hand(q, tile)
+    x = torch.randn(13, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    y = cpu_kernels.int4_mm(x, packed, group, sz, tile)
+    assert y.dtype == torch.bfloat16 and y.shape == (13, n)
+    assert torch.equal(y, cpu_kernels.int4_mm(x, packed, group, sz, tile, scalar=True))
+    # each row alone (M = 1 takes another code path) and in blocks of 4 plus a tail
+    assert torch.equal(y, torch.cat([cpu_kernels.int4_mm(x[i:i + 1], packed, group, sz, tile) for i in range(13)]))
+    assert torch.equal(y[:9], cpu_kernels.int4_mm(x[:9], packed, group, sz, tile))
+    ref = x.float() @ w.t()
+    # float32 sums, then one bf16 rounding: within 2^-8 of each output plus the sums' own error
+    assert ((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all()
+
+
+def test_kernel_equals_torch_kernel_within_rounding():
+    """On the layout torch packs here, next to torch's own kernel: both within bf16 rounding."""
+    layer = Int4Linear.from_float(torch.randn(200, 256) * 0.05, 32)  # 200 rows: padded to 256
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    ours = cpu_kernels.int4_mm(x, layer.packed, 32, layer.scales_zeros, cpu_tile_rows())[:, :200]
+    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, 32, layer.scales_zeros)[:, :200]
+    ref = x.float() @ layer.dequantize().t()
+    for y in (ours, theirs):
+        assert float((y.float() - ref).norm() / ref.norm()) < 4e-3
+
+
+def test_layer_codes_round_trip():
+    w = torch.randn(136, 64)
+    q, scale, zero = quantize_int4(w, 32)
+    layer = Int4Linear(q, scale, zero, 32)
+    assert torch.equal(layer.codes().int(), q.int())
+
+
+def test_bad_input_one_line_errors():
+    q, sz, _ = weights(64, 64, 32)
+    packed = pack_by_hand(q, 32)
+    with pytest.raises(RuntimeError, match="x must be \\[M, K\\] bfloat16"):
+        cpu_kernels.int4_mm(torch.randn(2, 64), packed, 32, sz, 32)
+    with pytest.raises(RuntimeError, match="tile 16: accepted 32, 64"):
+        cpu_kernels.int4_mm(torch.randn(2, 64).bfloat16(), packed, 32, sz, 16)
+    with pytest.raises(RuntimeError, match="K = 96 must be 2 groups of 32"):
+        cpu_kernels.int4_mm(torch.randn(2, 96).bfloat16(), packed, 32, sz, 32)
+
+
+@pytest.mark.parametrize("n,kp", [(4, 16), (37, 64), (258, 576), (66, 1040), (9, 2048)])
+def test_int8_kernel_equals_plain_form_and_reference(n, kp):
+    """K up to 1024 widens rows to float once at M > 1, longer K in registers (1040, 2048); odd
+    row counts pair a row with itself."""
+    g = torch.Generator().manual_seed(n * kp)
+    q = torch.randint(-127, 128, (n, kp), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, generator=g) * 0.01 + 1e-4).to(torch.bfloat16)
+    x = torch.randn(7, kp, generator=g).to(torch.bfloat16)
+    y = cpu_kernels.int8_mm(x, q, scale)
+    assert y.dtype == torch.bfloat16 and y.shape == (7, n)
+    assert torch.equal(y, cpu_kernels.int8_mm(x, q, scale, scalar=True))
+    assert torch.equal(y, torch.cat([cpu_kernels.int8_mm(x[i:i + 1], q, scale) for i in range(7)]))
+    assert torch.equal(y[:4], cpu_kernels.int8_mm(x[:4], q, scale))
+    ref = (x.float() @ q.float().t()) * scale.float()
+    assert ((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all()
+
+
+def test_int8_layer_runs_the_chosen_kernel(monkeypatch):
+    layer = Int8Linear.from_float(torch.randn(100, 40) * 0.05)  # K 40: padded to 48
+    x = torch.randn(3, 40)
+    for choice in ("tokenmill", "torch"):
+        monkeypatch.setenv("TOKENMILL_CPU_PACKED", choice)
+        base.cpu_packed_kernel.cache_clear()
+        y = layer(x)
+        ref = x.to(torch.bfloat16).float() @ layer.dequantize().t()
+        assert float((y - ref).norm() / ref.norm()) < 4e-3
+    base.cpu_packed_kernel.cache_clear()
+
+
+def test_int8_bad_input_one_line_errors():
+    q = torch.zeros(4, 32, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"q must be int8 \[N, Kp\] with x's Kp, a multiple of 16"):
+        cpu_kernels.int8_mm(torch.randn(2, 48).bfloat16(), q, torch.ones(4).bfloat16())
+    with pytest.raises(RuntimeError, match=r"scale must be bfloat16 \[N\]"):
+        cpu_kernels.int8_mm(torch.randn(2, 32).bfloat16(), q, torch.ones(4))
+
+
+def test_kernel_choice(monkeypatch):
+    for value, expected in (("torch", "torch"), ("tokenmill", "tokenmill")):
+        monkeypatch.setenv("TOKENMILL_CPU_PACKED", value)
+        base.cpu_packed_kernel.cache_clear()
+        assert base.cpu_packed_kernel() == expected
+    monkeypatch.setenv("TOKENMILL_CPU_PACKED", "fast")
+    base.cpu_packed_kernel.cache_clear()
+    with pytest.raises(ConfigError, match="TOKENMILL_CPU_PACKED='fast': accepted auto, tokenmill, torch"):
+        base.cpu_packed_kernel()
+    monkeypatch.delenv("TOKENMILL_CPU_PACKED")
+    base.cpu_packed_kernel.cache_clear()
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert base.cpu_packed_kernel() == ("torch" if avx512 else "tokenmill")

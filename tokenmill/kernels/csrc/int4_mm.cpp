@@ -1,0 +1,258 @@
+// Packed int4 weight x bf16 activations for CPUs without AVX-512 BF16 (AVX2 + FMA), over torch's
+// CPU int4pack layout, so it reads the same packed tensors as aten::_weight_int4pack_mm_for_cpu.
+//
+// On such CPUs torch's kernel converts bf16 in software and streams ~6-7 GB/s of packed weights
+// at batch 1 on two Zen 3 cores (DRAM gives ~26); this one keeps every operand in float32 and
+// streams close to the DRAM rate.
+//
+// Layout (quant/int4.py): packed uint8 viewed [Np/64, K, 32], byte j of (tile b, column k) holds
+// q[64b + j, k] in its low nibble and q[64b + 32 + j, k] in its high one; scales_zeros bf16
+// [K/g, Np, 2] is (s, z) per group and row, W[n, k] = (q - 8) s + z.
+//
+// Arithmetic, the same for every row count M (so a row's output does not depend on its batch):
+//
+//   xs[m, g] = sum over k in g of x[m, k]                          float32, k ascending
+//   a        = sum over k in g of q[n, k] x[m, k]                  float32 fma, k ascending, from 0
+//   acc      = fma(s, a, fma(z - 8 s, xs[m, g], acc))              groups ascending, acc from 0
+//   y[m, n]  = bf16(acc)                                           round to nearest even
+//
+// M = 1 keeps a tile's 64 partial sums in registers; larger M first widens a group of a tile to
+// float32 (8 KB) and runs a 4 x 16 register block over it. `scalar` runs the plain C++ form of
+// the same arithmetic (tests compare the two bit for bit).
+//
+// Schema: tokenmill::int4_mm(Tensor x [M, K] bf16, Tensor packed, int group,
+//                            Tensor scales_zeros [K/g, Np, 2] bf16, bool scalar=False) -> [M, Np] bf16
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TOKENMILL_INT4_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kRows = 64;  // output rows per block: one 64-row tile or two 32-row ones
+
+inline float bf16_to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Where the nibbles of a 64-row block sit, for tiles of T rows (T/2 bytes per column): chunk i
+// (0..3) of column c is 8 bytes whose low nibbles are rows lo_row(i)..+7 and high ones +T/2.
+template <int T>
+struct Layout {
+  static constexpr int kPerTile = T / 16;  // 8-byte chunks per column of one tile
+  static inline const uint8_t* chunk(const uint8_t* block, int64_t k, int64_t c, int i) {
+    return block + (i / kPerTile) * k * (T / 2) + c * (T / 2) + 8 * (i % kPerTile);
+  }
+  static constexpr int lo_row(int i) { return (i / kPerTile) * T + 8 * (i % kPerTile); }
+  static constexpr int hi_row(int i) { return lo_row(i) + T / 2; }
+};
+
+// xf[m, k] = x as float32; xs[m, g] = sum of its group, k ascending.
+void widen_rows(const c10::BFloat16* x, int64_t m, int64_t k, int64_t group, float* xf, float* xs) {
+  const int64_t groups = k / group;
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t i = 0; i < k; ++i) xf[r * k + i] = bf16_to_float(x[r * k + i]);
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t i = 0; i < group; ++i) s += xf[r * k + g * group + i];
+      xs[r * groups + g] = s;
+    }
+  }
+}
+
+// The group's (s, z - 8 s) of one block's 64 rows, as float32.
+inline void block_scales(const c10::BFloat16* sz, int64_t np, int64_t g, int64_t block, float* s, float* zz) {
+  const c10::BFloat16* p = sz + (g * np + block * kRows) * 2;
+  for (int64_t j = 0; j < kRows; ++j) {
+    s[j] = bf16_to_float(p[2 * j]);
+    zz[j] = bf16_to_float(p[2 * j + 1]) - 8.f * s[j];
+  }
+}
+
+inline float combine(float acc, float s, float zz, float a, float xs) {
+  return std::fma(s, a, std::fma(zz, xs, acc));
+}
+
+// ---- plain C++: the reference form, any M -------------------------------------------------------
+template <int T>
+void block_scalar(const uint8_t* block, const c10::BFloat16* sz, int64_t np, int64_t b, int64_t k, int64_t group,
+                  const float* xf, const float* xs, int64_t m, float* acc /* [m, 64] */) {
+  using L = Layout<T>;
+  float s[kRows], zz[kRows], a[kRows];
+  const int64_t groups = k / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    block_scales(sz, np, g, b, s, zz);
+    for (int64_t r = 0; r < m; ++r) {
+      std::fill(a, a + kRows, 0.f);
+      for (int64_t c = g * group; c < (g + 1) * group; ++c) {
+        const float xv = xf[r * k + c];
+        for (int i = 0; i < 4; ++i) {
+          const uint8_t* p = L::chunk(block, k, c, i);
+          for (int j = 0; j < 8; ++j) {
+            a[L::lo_row(i) + j] = std::fma(static_cast<float>(p[j] & 0xF), xv, a[L::lo_row(i) + j]);
+            a[L::hi_row(i) + j] = std::fma(static_cast<float>(p[j] >> 4), xv, a[L::hi_row(i) + j]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < kRows; ++j)
+        acc[r * kRows + j] = combine(acc[r * kRows + j], s[j], zz[j], a[j], xs[r * groups + g]);
+    }
+  }
+}
+
+#ifdef TOKENMILL_INT4_AVX2
+// Group partial sums -> acc (the combine step, 8 lanes at a time; same ops as combine()).
+inline void combine8(float* acc, const float* s, const float* zz, __m256 a, float xs) {
+  const __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(zz), _mm256_set1_ps(xs), _mm256_loadu_ps(acc));
+  _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_loadu_ps(s), a, t));
+}
+
+// Eight bytes -> their low and high nibbles as float.
+inline void nibbles8(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xF)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+
+// M = 1: the 64 group sums of a block in eight registers (a[row / 8]).
+template <int T>
+void block_row_avx2(const uint8_t* block, const c10::BFloat16* sz, int64_t np, int64_t b, int64_t k,
+                    int64_t group, const float* xf, const float* xs, float* acc) {
+  using L = Layout<T>;
+  float s[kRows], zz[kRows];
+  const int64_t groups = k / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    block_scales(sz, np, g, b, s, zz);
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+    for (int64_t c = g * group; c < (g + 1) * group; ++c) {
+      const __m256 xv = _mm256_set1_ps(xf[c]);
+      for (int i = 0; i < 4; ++i) {  // unrolled: the row indices are constants
+        __m256 lo, hi;
+        nibbles8(L::chunk(block, k, c, i), lo, hi);
+        a[L::lo_row(i) / 8] = _mm256_fmadd_ps(lo, xv, a[L::lo_row(i) / 8]);
+        a[L::hi_row(i) / 8] = _mm256_fmadd_ps(hi, xv, a[L::hi_row(i) / 8]);
+      }
+    }
+    for (int i = 0; i < 8; ++i) combine8(acc + 8 * i, s + 8 * i, zz + 8 * i, a[i], xs[g]);
+  }
+}
+
+// MR rows of x against rows n0..n0+15 of a group widened to float, wq[c][64].
+template <int MR>
+inline void rows_avx2(const float* wq, int64_t group, int64_t n0, const float* xf, int64_t k, int64_t c0,
+                      const float* s, const float* zz, const float* xs, int64_t groups, int64_t g, float* acc) {
+  __m256 a[MR][2];
+  for (int r = 0; r < MR; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < group; ++c) {
+    const __m256 w0 = _mm256_loadu_ps(wq + c * kRows + n0), w1 = _mm256_loadu_ps(wq + c * kRows + n0 + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(xf + r * k + c0 + c);
+      a[r][0] = _mm256_fmadd_ps(w0, xv, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(w1, xv, a[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    combine8(acc + r * kRows + n0, s + n0, zz + n0, a[r][0], xs[r * groups + g]);
+    combine8(acc + r * kRows + n0 + 8, s + n0 + 8, zz + n0 + 8, a[r][1], xs[r * groups + g]);
+  }
+}
+
+// M > 1: each group of the block widened to float once, then 4 x 16 blocks (and a 1-3 row tail).
+template <int T>
+void block_rows_avx2(const uint8_t* block, const c10::BFloat16* sz, int64_t np, int64_t b, int64_t k,
+                     int64_t group, const float* xf, const float* xs, int64_t m, float* acc) {
+  using L = Layout<T>;
+  alignas(32) float wq[128 * kRows];  // [c][64]: q as float, one group (group <= 128)
+  float s[kRows], zz[kRows];
+  const int64_t groups = k / group;
+  for (int64_t g = 0; g < groups; ++g) {
+    block_scales(sz, np, g, b, s, zz);
+    for (int64_t c = 0; c < group; ++c) {
+      float* w = wq + c * kRows;
+      for (int i = 0; i < 4; ++i) {
+        __m256 lo, hi;
+        nibbles8(L::chunk(block, k, g * group + c, i), lo, hi);
+        _mm256_store_ps(w + L::lo_row(i), lo);
+        _mm256_store_ps(w + L::hi_row(i), hi);
+      }
+    }
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4)
+      for (int64_t n0 = 0; n0 < kRows; n0 += 16)
+        rows_avx2<4>(wq, group, n0, xf + r * k, k, g * group, s, zz, xs + r * groups, groups, g, acc + r * kRows);
+    for (; r < m; ++r)
+      for (int64_t n0 = 0; n0 < kRows; n0 += 16)
+        rows_avx2<1>(wq, group, n0, xf + r * k, k, g * group, s, zz, xs + r * groups, groups, g, acc + r * kRows);
+  }
+}
+#endif
+
+template <int T>
+void run_block(bool scalar, const uint8_t* block, const c10::BFloat16* sz, int64_t np, int64_t b, int64_t k,
+               int64_t group, const float* xf, const float* xs, int64_t m, float* acc) {
+#ifdef TOKENMILL_INT4_AVX2
+  if (!scalar) {
+    if (m == 1)
+      block_row_avx2<T>(block, sz, np, b, k, group, xf, xs, acc);
+    else
+      block_rows_avx2<T>(block, sz, np, b, k, group, xf, xs, m, acc);
+    return;
+  }
+#endif
+  block_scalar<T>(block, sz, np, b, k, group, xf, xs, m, acc);
+}
+
+at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t group, const at::Tensor& scales_zeros,
+                   int64_t tile, bool scalar) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "int4_mm: x must be [M, K] bfloat16, got ",
+              x_in.sizes(), " ", x_in.scalar_type());
+  TORCH_CHECK(group == 32 || group == 64 || group == 128, "int4_mm: group ", group, ": accepted 32, 64, 128");
+  TORCH_CHECK(tile == 32 || tile == 64, "int4_mm: tile ", tile, ": accepted 32, 64 rows");
+  TORCH_CHECK(scales_zeros.dim() == 3 && scales_zeros.size(2) == 2 && scales_zeros.scalar_type() == at::kBFloat16,
+              "int4_mm: scales_zeros must be [K/group, Np, 2] bfloat16, got ", scales_zeros.sizes());
+  const at::Tensor x = x_in.contiguous(), sz_t = scales_zeros.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), np = sz_t.size(1), groups = k / group;
+  TORCH_CHECK(k % group == 0 && sz_t.size(0) == groups, "int4_mm: K = ", k, " must be ", sz_t.size(0),
+              " groups of ", group);
+  TORCH_CHECK(np % kRows == 0 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == np * k / 2,
+              "int4_mm: packed must be contiguous uint8 holding ", np, " x ", k, " nibbles (CPU int4pack layout)");
+  at::Tensor y = at::empty({m, np}, x.options());
+  if (m == 0) return y;
+  std::vector<float> xf(m * k), xs(m * groups);
+  widen_rows(x.data_ptr<c10::BFloat16>(), m, k, group, xf.data(), xs.data());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const c10::BFloat16* sz = sz_t.data_ptr<c10::BFloat16>();
+  c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, np / kRows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc(m * kRows);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const uint8_t* block = w + b * k * (kRows / 2);
+      if (tile == 64)
+        run_block<64>(scalar, block, sz, np, b, k, group, xf.data(), xs.data(), m, acc.data());
+      else
+        run_block<32>(scalar, block, sz, np, b, k, group, xf.data(), xs.data(), m, acc.data());
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < kRows; ++j) out[r * np + b * kRows + j] = c10::BFloat16(acc[r * kRows + j]);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
+  m.def("int4_mm(Tensor x, Tensor packed, int group, Tensor scales_zeros, int tile, bool scalar=False) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("int4_mm", &int4_mm); }
