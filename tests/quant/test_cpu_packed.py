@@ -114,11 +114,12 @@ def test_int8_kernel_equals_plain_form_and_reference(n, kp):
 
 
 def test_int8_layer_runs_the_chosen_kernel(monkeypatch):
-    layer = Int8Linear.from_float(torch.randn(100, 40) * 0.05)  # K 40: padded to 48
-    x = torch.randn(3, 40)
+    w, x = torch.randn(100, 40) * 0.05, torch.randn(3, 40)  # K 40: padded to 48
     for choice in ("tokenmill", "torch"):
         monkeypatch.setenv("TOKENMILL_CPU_PACKED", choice)
         base.cpu_packed_kernel.cache_clear()
+        layer = Int8Linear.from_float(w)
+        assert layer.own_kernel == (choice == "tokenmill")
         y = layer(x)
         ref = x.to(torch.bfloat16).float() @ layer.dequantize().t()
         assert float((y - ref).norm() / ref.norm()) < 4e-3

@@ -33,8 +33,8 @@ from tokenmill.attention.paged import AttentionMetadata, paged_attention, write_
 from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.model.layers import RMSNorm
 from tokenmill.model.llama import DecoderLayer, LlamaForCausalLM
-from tokenmill.quant.base import ACT_DTYPE, QuantLinear, cpu_packed_kernel
-from tokenmill.quant.int4 import Int4Linear, cpu_int4_op, cpu_tile_rows
+from tokenmill.quant.base import ACT_DTYPE, QuantLinear
+from tokenmill.quant.int4 import Int4Linear
 from tokenmill.quant.kv import QuantizedKVPool
 
 Tensor = torch.Tensor
@@ -118,10 +118,11 @@ def _layer(layer: DecoderLayer, kv_cache: tuple[Tensor, Tensor], dtype: torch.dt
 def _fused_int4(layers: list[DecoderLayer], kv_caches: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Callable | None:
     """All layers as one call of tokenmill::decode_layers_int4, where they qualify: bf16
     activations, norms and plain KV pools, no tensor parallelism, and every projection a
-    `_whole_int4` layer, all of one group size (the C++ loop takes each output whole)."""
+    `_whole_int4` layer, all of one group size and one kernel (the C++ loop takes each output
+    whole)."""
     if dtype != ACT_DTYPE or not hasattr(torch.ops.tokenmill, "decode_layers_int4"):
         return None
-    norms, packed, scales_zeros, groups = [], [], [], set()
+    norms, packed, scales_zeros, groups, tiles = [], [], [], set(), set()
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.tp is not None:
@@ -136,12 +137,12 @@ def _fused_int4(layers: list[DecoderLayer], kv_caches: list[tuple[Tensor, Tensor
             packed.append(mod.packed)
             scales_zeros.append(mod.scales_zeros)
             groups.add(mod.group)
-    if len(groups) != 1 or any(isinstance(k, QuantizedKVPool) or k.dtype != dtype for k, _ in kv_caches):
+            tiles.add(mod.cpu_tile)
+    if len(groups) != 1 or len(tiles) != 1 or any(isinstance(k, QuantizedKVPool) or k.dtype != dtype for k, _ in kv_caches):
         return None
     k_caches, v_caches = [k for k, _ in kv_caches], [v for _, v in kv_caches]
     attn, mlp = layers[0].self_attn, layers[0].mlp
-    int4_tile = cpu_tile_rows() if cpu_packed_kernel() == "tokenmill" else 0  # 0: torch's kernel
-    args = (groups.pop(), int4_tile, attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.gate_up_proj.out_features // 2,
+    args = (groups.pop(), tiles.pop(), attn.num_heads, attn.num_kv_heads, attn.head_dim, mlp.gate_up_proj.out_features // 2,
             layers[0].input_layernorm.eps, attn.scale)
     op = torch.ops.tokenmill.decode_layers_int4
 
@@ -172,7 +173,12 @@ def _linear(mod: nn.Module, dtype: torch.dtype) -> Linear:
     nn.Linear as one op over tensors read once; other packed layers through their forward."""
     if isinstance(mod, Int4Linear) and mod.kernel == "cpu" and dtype == ACT_DTYPE:
         packed, group, scales_zeros, n, bias = mod.packed, mod.group, mod.scales_zeros, mod.out_features, mod.bias
-        op = cpu_int4_op()
+        tile = mod.cpu_tile
+        if tile:
+            own = torch.ops.tokenmill.int4_mm
+            op = lambda x, packed, group, scales_zeros: own(x, packed, group, scales_zeros, tile)  # noqa: E731
+        else:
+            op = torch.ops.aten._weight_int4pack_mm_for_cpu
         if _whole_int4(mod):
             return lambda x: op(x.contiguous(), packed, group, scales_zeros)
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,12 +103,11 @@ def unpack_cpu_tiles(packed: torch.Tensor, np_: int, k: int, tile: int) -> torch
     return q.transpose(1, 2).reshape(np_, k)
 
 
-def cpu_int4_op() -> Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]:
-    """(x bf16 [M, K], packed, group, scales_zeros) -> [M, Np] bf16: the chosen CPU kernel."""
-    if cpu_packed_kernel() == "torch":
-        return torch.ops.aten._weight_int4pack_mm_for_cpu
-    op, tile = torch.ops.tokenmill.int4_mm, cpu_tile_rows()
-    return lambda x, packed, group, scales_zeros: op(x, packed, group, scales_zeros, tile)
+def cpu_int4_tile() -> int:
+    """What a CPU layer built now runs: 0 for torch's kernel, else tokenmill's `int4_mm` over
+    tiles of this many rows (base.cpu_packed_kernel). Fixed when the layer is built, so that a
+    compiled graph sees a constant."""
+    return cpu_tile_rows() if cpu_packed_kernel() == "tokenmill" else 0
 
 
 def int4pack_available(device: torch.device) -> bool:
@@ -119,6 +117,8 @@ def int4pack_available(device: torch.device) -> bool:
 
 
 class Int4Linear(QuantLinear):
+    cpu_tile = 0  # CPU layout: 0 runs torch's kernel, else tokenmill's over tiles of this many rows
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                  bias: torch.Tensor | None = None) -> None:
         n, k = q.shape
@@ -145,6 +145,7 @@ class Int4Linear(QuantLinear):
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            self.cpu_tile = cpu_int4_tile()
         self.register_buffer("packed", packed)
 
     @staticmethod
@@ -163,7 +164,7 @@ class Int4Linear(QuantLinear):
         first = mods[0]
         out = cls.__new__(cls)
         QuantLinear.__init__(out, first.in_features, sum(m.out_features for m in mods), bias)
-        out.group, out.kernel = first.group, first.kernel
+        out.group, out.kernel, out.cpu_tile = first.group, first.kernel, first.cpu_tile
         out.register_buffer("scales_zeros", torch.cat([m.scales_zeros for m in mods], dim=1))
         out.register_buffer("packed", torch.cat([m.packed for m in mods], dim=0))
         return out
@@ -184,8 +185,10 @@ class Int4Linear(QuantLinear):
             return int4_matmul(x.contiguous(), self.packed, self.scales_zeros, self.group, self.out_features)
         if self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.contiguous(), self.packed, self.group, self.scales_zeros)
+        elif self.cpu_tile:
+            y = torch.ops.tokenmill.int4_mm(x.contiguous(), self.packed, self.group, self.scales_zeros, self.cpu_tile)
         else:
-            y = cpu_int4_op()(x.contiguous(), self.packed, self.group, self.scales_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, self.scales_zeros)
         return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
     def codes(self) -> torch.Tensor:

@@ -47,13 +47,14 @@ class Int8Linear(QuantLinear):
         self.register_buffer("scale", scale.to(ACT_DTYPE).contiguous())  # [N] bf16
         self.dense_from = dense_min_tokens(q.device)
         self.packed_kernel = int8pack_available(q.device)
+        self.own_kernel = q.device.type == "cpu" and cpu_packed_kernel() == "tokenmill"  # fixed: compiled graphs
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         return cls(*quantize_int8(w), bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        own = x.device.type == "cpu" and cpu_packed_kernel() == "tokenmill"
+        own = self.own_kernel and x.device.type == "cpu"
         if not own and (x.shape[0] >= self.dense_from or not self.packed_kernel):
             w = self.qweight[:, : self.in_features].to(ACT_DTYPE) * self.scale[:, None]
             return F.linear(x, w)
