@@ -5,9 +5,10 @@
 // at batch 1 on two Zen 3 cores (DRAM gives ~26); this one keeps every operand in float32 and
 // streams close to the DRAM rate.
 //
-// Layout (quant/int4.py): packed uint8 viewed [Np/64, K, 32], byte j of (tile b, column k) holds
-// q[64b + j, k] in its low nibble and q[64b + 32 + j, k] in its high one; scales_zeros bf16
-// [K/g, Np, 2] is (s, z) per group and row, W[n, k] = (q - 8) s + z.
+// Layout (quant/int4.py), tiles of T = 64 rows (AVX-512 builds) or 32 (AVX2): packed uint8 viewed
+// [Np/T, K, T/2], byte j of (tile b, column k) holds q[Tb + j, k] in its low nibble and
+// q[Tb + T/2 + j, k] in its high one; scales_zeros bf16 [K/g, Np, 2] is (s, z) per group and row,
+// W[n, k] = (q - 8) s + z.
 //
 // Arithmetic, the same for every row count M (so a row's output does not depend on its batch):
 //
@@ -16,8 +17,9 @@
 //   acc      = fma(s, a, fma(z - 8 s, xs[m, g], acc))              groups ascending, acc from 0
 //   y[m, n]  = bf16(acc)                                           round to nearest even
 //
-// M = 1 keeps a tile's 64 partial sums in registers; larger M first widens a group of a tile to
-// float32 (8 KB) and runs a 4 x 16 register block over it. `scalar` runs the plain C++ form of
+// Threads split the output into tiles (contiguous in memory). M = 1 keeps a tile's partial sums in
+// registers; larger M first widens a group of a tile to float32 and runs a 4 x 16 register block
+// over it. `scalar` runs the plain C++ form of
 // the same arithmetic (tests compare the two bit for bit).
 //
 // Schema: tokenmill::int4_mm(Tensor x [M, K] bf16, Tensor packed, int group,
@@ -39,20 +41,16 @@
 
 namespace {
 
-constexpr int64_t kRows = 64;  // output rows per block: one 64-row tile or two 32-row ones
-
 inline float bf16_to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 
-// Where the nibbles of a 64-row block sit, for tiles of T rows (T/2 bytes per column): chunk i
-// (0..3) of column c is 8 bytes whose low nibbles are rows lo_row(i)..+7 and high ones +T/2.
+// A tile of T rows (T/2 bytes per column): chunk i (0 .. T/16 - 1) of column c is 8 bytes whose
+// low nibbles are rows 8i..8i+7 and high nibbles rows T/2 + 8i...
 template <int T>
-struct Layout {
-  static constexpr int kPerTile = T / 16;  // 8-byte chunks per column of one tile
-  static inline const uint8_t* chunk(const uint8_t* block, int64_t k, int64_t c, int i) {
-    return block + (i / kPerTile) * k * (T / 2) + c * (T / 2) + 8 * (i % kPerTile);
-  }
-  static constexpr int lo_row(int i) { return (i / kPerTile) * T + 8 * (i % kPerTile); }
-  static constexpr int hi_row(int i) { return lo_row(i) + T / 2; }
+struct Tile {
+  static constexpr int kChunks = T / 16;
+  static inline const uint8_t* chunk(const uint8_t* tile, int64_t c, int i) { return tile + c * (T / 2) + 8 * i; }
+  static constexpr int lo_row(int i) { return 8 * i; }
+  static constexpr int hi_row(int i) { return T / 2 + 8 * i; }
 };
 
 // xf[m, k] = x as float32; xs[m, g] = sum of its group, k ascending.
@@ -68,10 +66,11 @@ void widen_rows(const c10::BFloat16* x, int64_t m, int64_t k, int64_t group, flo
   }
 }
 
-// The group's (s, z - 8 s) of one block's 64 rows, as float32.
-inline void block_scales(const c10::BFloat16* sz, int64_t np, int64_t g, int64_t block, float* s, float* zz) {
-  const c10::BFloat16* p = sz + (g * np + block * kRows) * 2;
-  for (int64_t j = 0; j < kRows; ++j) {
+// The group's (s, z - 8 s) of rows n0 .. n0 + T - 1, as float32.
+template <int T>
+inline void tile_scales(const c10::BFloat16* sz, int64_t np, int64_t g, int64_t n0, float* s, float* zz) {
+  const c10::BFloat16* p = sz + (g * np + n0) * 2;
+  for (int64_t j = 0; j < T; ++j) {
     s[j] = bf16_to_float(p[2 * j]);
     zz[j] = bf16_to_float(p[2 * j + 1]) - 8.f * s[j];
   }
@@ -83,27 +82,26 @@ inline float combine(float acc, float s, float zz, float a, float xs) {
 
 // ---- plain C++: the reference form, any M -------------------------------------------------------
 template <int T>
-void block_scalar(const uint8_t* block, const c10::BFloat16* sz, int64_t np, int64_t b, int64_t k, int64_t group,
-                  const float* xf, const float* xs, int64_t m, float* acc /* [m, 64] */) {
-  using L = Layout<T>;
-  float s[kRows], zz[kRows], a[kRows];
+void tile_scalar(const uint8_t* tile, const c10::BFloat16* sz, int64_t np, int64_t n0, int64_t k, int64_t group,
+                 const float* xf, const float* xs, int64_t m, float* acc /* [m, T] */) {
+  using L = Tile<T>;
+  float s[T], zz[T], a[T];
   const int64_t groups = k / group;
   for (int64_t g = 0; g < groups; ++g) {
-    block_scales(sz, np, g, b, s, zz);
+    tile_scales<T>(sz, np, g, n0, s, zz);
     for (int64_t r = 0; r < m; ++r) {
-      std::fill(a, a + kRows, 0.f);
+      std::fill(a, a + T, 0.f);
       for (int64_t c = g * group; c < (g + 1) * group; ++c) {
         const float xv = xf[r * k + c];
-        for (int i = 0; i < 4; ++i) {
-          const uint8_t* p = L::chunk(block, k, c, i);
+        for (int i = 0; i < L::kChunks; ++i) {
+          const uint8_t* p = L::chunk(tile, c, i);
           for (int j = 0; j < 8; ++j) {
             a[L::lo_row(i) + j] = std::fma(static_cast<float>(p[j] & 0xF), xv, a[L::lo_row(i) + j]);
             a[L::hi_row(i) + j] = std::fma(static_cast<float>(p[j] >> 4), xv, a[L::hi_row(i) + j]);
           }
         }
       }
-      for (int64_t j = 0; j < kRows; ++j)
-        acc[r * kRows + j] = combine(acc[r * kRows + j], s[j], zz[j], a[j], xs[r * groups + g]);
+      for (int64_t j = 0; j < T; ++j) acc[r * T + j] = combine(acc[r * T + j], s[j], zz[j], a[j], xs[r * groups + g]);
     }
   }
 }
@@ -122,38 +120,38 @@ inline void nibbles8(const uint8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 }
 
-// M = 1: the 64 group sums of a block in eight registers (a[row / 8]).
+// M = 1: the tile's T group sums in T/8 registers (a[row / 8]).
 template <int T>
-void block_row_avx2(const uint8_t* block, const c10::BFloat16* sz, int64_t np, int64_t b, int64_t k,
-                    int64_t group, const float* xf, const float* xs, float* acc) {
-  using L = Layout<T>;
-  float s[kRows], zz[kRows];
+void tile_row_avx2(const uint8_t* tile, const c10::BFloat16* sz, int64_t np, int64_t n0, int64_t k, int64_t group,
+                   const float* xf, const float* xs, float* acc) {
+  using L = Tile<T>;
+  float s[T], zz[T];
   const int64_t groups = k / group;
   for (int64_t g = 0; g < groups; ++g) {
-    block_scales(sz, np, g, b, s, zz);
-    __m256 a[8];
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+    tile_scales<T>(sz, np, g, n0, s, zz);
+    __m256 a[T / 8];
+    for (int i = 0; i < T / 8; ++i) a[i] = _mm256_setzero_ps();
     for (int64_t c = g * group; c < (g + 1) * group; ++c) {
       const __m256 xv = _mm256_set1_ps(xf[c]);
-      for (int i = 0; i < 4; ++i) {  // unrolled: the row indices are constants
+      for (int i = 0; i < L::kChunks; ++i) {  // unrolled: the row indices are constants
         __m256 lo, hi;
-        nibbles8(L::chunk(block, k, c, i), lo, hi);
+        nibbles8(L::chunk(tile, c, i), lo, hi);
         a[L::lo_row(i) / 8] = _mm256_fmadd_ps(lo, xv, a[L::lo_row(i) / 8]);
         a[L::hi_row(i) / 8] = _mm256_fmadd_ps(hi, xv, a[L::hi_row(i) / 8]);
       }
     }
-    for (int i = 0; i < 8; ++i) combine8(acc + 8 * i, s + 8 * i, zz + 8 * i, a[i], xs[g]);
+    for (int i = 0; i < T / 8; ++i) combine8(acc + 8 * i, s + 8 * i, zz + 8 * i, a[i], xs[g]);
   }
 }
 
-// MR rows of x against rows n0..n0+15 of a group widened to float, wq[c][64].
-template <int MR>
-inline void rows_avx2(const float* wq, int64_t group, int64_t n0, const float* xf, int64_t k, int64_t c0,
+// MR rows of x against rows j0..j0+15 of a tile's group widened to float, wq[c][T].
+template <int T, int MR>
+inline void rows_avx2(const float* wq, int64_t group, int64_t j0, const float* xf, int64_t k, int64_t c0,
                       const float* s, const float* zz, const float* xs, int64_t groups, int64_t g, float* acc) {
   __m256 a[MR][2];
   for (int r = 0; r < MR; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
   for (int64_t c = 0; c < group; ++c) {
-    const __m256 w0 = _mm256_loadu_ps(wq + c * kRows + n0), w1 = _mm256_loadu_ps(wq + c * kRows + n0 + 8);
+    const __m256 w0 = _mm256_loadu_ps(wq + c * T + j0), w1 = _mm256_loadu_ps(wq + c * T + j0 + 8);
     for (int r = 0; r < MR; ++r) {
       const __m256 xv = _mm256_broadcast_ss(xf + r * k + c0 + c);
       a[r][0] = _mm256_fmadd_ps(w0, xv, a[r][0]);
@@ -161,54 +159,62 @@ inline void rows_avx2(const float* wq, int64_t group, int64_t n0, const float* x
     }
   }
   for (int r = 0; r < MR; ++r) {
-    combine8(acc + r * kRows + n0, s + n0, zz + n0, a[r][0], xs[r * groups + g]);
-    combine8(acc + r * kRows + n0 + 8, s + n0 + 8, zz + n0 + 8, a[r][1], xs[r * groups + g]);
+    combine8(acc + r * T + j0, s + j0, zz + j0, a[r][0], xs[r * groups + g]);
+    combine8(acc + r * T + j0 + 8, s + j0 + 8, zz + j0 + 8, a[r][1], xs[r * groups + g]);
   }
 }
 
-// M > 1: each group of the block widened to float once, then 4 x 16 blocks (and a 1-3 row tail).
+// M > 1: each group of the tile widened to float once, then 4 x 16 blocks (and a 1-3 row tail).
 template <int T>
-void block_rows_avx2(const uint8_t* block, const c10::BFloat16* sz, int64_t np, int64_t b, int64_t k,
-                     int64_t group, const float* xf, const float* xs, int64_t m, float* acc) {
-  using L = Layout<T>;
-  alignas(32) float wq[128 * kRows];  // [c][64]: q as float, one group (group <= 128)
-  float s[kRows], zz[kRows];
+void tile_rows_avx2(const uint8_t* tile, const c10::BFloat16* sz, int64_t np, int64_t n0, int64_t k, int64_t group,
+                    const float* xf, const float* xs, int64_t m, float* acc) {
+  using L = Tile<T>;
+  alignas(32) float wq[128 * T];  // [c][T]: q as float, one group (group <= 128)
+  float s[T], zz[T];
   const int64_t groups = k / group;
   for (int64_t g = 0; g < groups; ++g) {
-    block_scales(sz, np, g, b, s, zz);
+    tile_scales<T>(sz, np, g, n0, s, zz);
     for (int64_t c = 0; c < group; ++c) {
-      float* w = wq + c * kRows;
-      for (int i = 0; i < 4; ++i) {
+      float* w = wq + c * T;
+      for (int i = 0; i < L::kChunks; ++i) {
         __m256 lo, hi;
-        nibbles8(L::chunk(block, k, g * group + c, i), lo, hi);
+        nibbles8(L::chunk(tile, g * group + c, i), lo, hi);
         _mm256_store_ps(w + L::lo_row(i), lo);
         _mm256_store_ps(w + L::hi_row(i), hi);
       }
     }
     int64_t r = 0;
     for (; r + 4 <= m; r += 4)
-      for (int64_t n0 = 0; n0 < kRows; n0 += 16)
-        rows_avx2<4>(wq, group, n0, xf + r * k, k, g * group, s, zz, xs + r * groups, groups, g, acc + r * kRows);
+      for (int64_t j0 = 0; j0 < T; j0 += 16)
+        rows_avx2<T, 4>(wq, group, j0, xf + r * k, k, g * group, s, zz, xs + r * groups, groups, g, acc + r * T);
     for (; r < m; ++r)
-      for (int64_t n0 = 0; n0 < kRows; n0 += 16)
-        rows_avx2<1>(wq, group, n0, xf + r * k, k, g * group, s, zz, xs + r * groups, groups, g, acc + r * kRows);
+      for (int64_t j0 = 0; j0 < T; j0 += 16)
+        rows_avx2<T, 1>(wq, group, j0, xf + r * k, k, g * group, s, zz, xs + r * groups, groups, g, acc + r * T);
   }
 }
 #endif
 
 template <int T>
-void run_block(bool scalar, const uint8_t* block, const c10::BFloat16* sz, int64_t np, int64_t b, int64_t k,
-               int64_t group, const float* xf, const float* xs, int64_t m, float* acc) {
+void run_tiles(bool scalar, const uint8_t* w, const c10::BFloat16* sz, int64_t np, int64_t k, int64_t group,
+               const float* xf, const float* xs, int64_t m, c10::BFloat16* out) {
+  at::parallel_for(0, np / T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(m * T);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const uint8_t* tile = w + t * k * (T / 2);
+      const int64_t n0 = t * T;
 #ifdef TOKENMILL_INT4_AVX2
-  if (!scalar) {
-    if (m == 1)
-      block_row_avx2<T>(block, sz, np, b, k, group, xf, xs, acc);
-    else
-      block_rows_avx2<T>(block, sz, np, b, k, group, xf, xs, m, acc);
-    return;
-  }
+      if (!scalar && m == 1)
+        tile_row_avx2<T>(tile, sz, np, n0, k, group, xf, xs, acc.data());
+      else if (!scalar)
+        tile_rows_avx2<T>(tile, sz, np, n0, k, group, xf, xs, m, acc.data());
+      else
 #endif
-  block_scalar<T>(block, sz, np, b, k, group, xf, xs, m, acc);
+        tile_scalar<T>(tile, sz, np, n0, k, group, xf, xs, m, acc.data());
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < T; ++j) out[r * np + n0 + j] = c10::BFloat16(acc[r * T + j]);
+    }
+  });
 }
 
 at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t group, const at::Tensor& scales_zeros,
@@ -223,7 +229,7 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t gro
   const int64_t m = x.size(0), k = x.size(1), np = sz_t.size(1), groups = k / group;
   TORCH_CHECK(k % group == 0 && sz_t.size(0) == groups, "int4_mm: K = ", k, " must be ", sz_t.size(0),
               " groups of ", group);
-  TORCH_CHECK(np % kRows == 0 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+  TORCH_CHECK(np % tile == 0 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.numel() == np * k / 2,
               "int4_mm: packed must be contiguous uint8 holding ", np, " x ", k, " nibbles (CPU int4pack layout)");
   at::Tensor y = at::empty({m, np}, x.options());
@@ -233,19 +239,10 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, int64_t gro
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const c10::BFloat16* sz = sz_t.data_ptr<c10::BFloat16>();
   c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, np / kRows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> acc(m * kRows);
-    for (int64_t b = b0; b < b1; ++b) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const uint8_t* block = w + b * k * (kRows / 2);
-      if (tile == 64)
-        run_block<64>(scalar, block, sz, np, b, k, group, xf.data(), xs.data(), m, acc.data());
-      else
-        run_block<32>(scalar, block, sz, np, b, k, group, xf.data(), xs.data(), m, acc.data());
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t j = 0; j < kRows; ++j) out[r * np + b * kRows + j] = c10::BFloat16(acc[r * kRows + j]);
-    }
-  });
+  if (tile == 64)
+    run_tiles<64>(scalar, w, sz, np, k, group, xf.data(), xs.data(), m, out);
+  else
+    run_tiles<32>(scalar, w, sz, np, k, group, xf.data(), xs.data(), m, out);
   return y;
 }
 
