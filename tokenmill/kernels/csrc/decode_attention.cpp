@@ -8,7 +8,7 @@
 //
 // The torch reference gathers every block of the padded table into a dense copy, then runs two
 // batched matmuls and a softmax (~10 kernel launches and two copies per layer). Here one call
-// streams the rows twice (K, then V), in tiles of 16 tokens; the G query heads that share a KV
+// streams the rows twice (K, then V), in tiles of L tokens (16; 8 on AVX2); the G query heads that share a KV
 // head (GQA) are computed together, so each row is read and widened to float32 once:
 //
 //   1. scores   per tile: widen the 16 K rows into a small buffer, tile [16, KV heads, Dp]; for
@@ -35,8 +35,8 @@
 // token's scale multiplies its score (K) or its probability (V), never the D values of its row:
 // no dequantized copy of the context is made.
 //
-// The vectors are GCC/Clang vector extensions (16 floats: one AVX-512 register, two AVX2 or four
-// NEON ones), so one code path serves every CPU that `-march=native` builds for; buffers are
+// The vectors are GCC/Clang vector extensions (L floats: one AVX-512 or AVX2 register, four NEON
+// ones), so one code path serves every CPU that `-march=native` builds for; buffers are
 // aligned to 64 bytes (`Floats`).
 //
 // Schemas (registered below; the fakes for torch.compile are in kernels/cpu.py):
@@ -58,7 +58,16 @@
 
 namespace {
 
-constexpr int64_t L = 16;  // floats per Vec, and tokens per tile
+// Floats per Vec, and tokens per tile: one register's worth. 16 where the CPU has AVX-512 (or
+// builds without AVX); 8 on AVX2 CPUs, where 16-float vectors are register pairs and the tile's
+// 16 accumulators of `score_tile` (and 4 heads x 4 vectors of `accumulate_values`) would not
+// fit the 16 registers: at 8, one request over 2k tokens of context (9 heads, 3 KV heads, bf16) took
+// 163 us instead of 581 on two Zen 3 cores.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr int64_t L = 8;
+#else
+constexpr int64_t L = 16;
+#endif
 typedef float Vec __attribute__((vector_size(L * sizeof(float))));
 typedef int32_t VecIndex __attribute__((vector_size(L * sizeof(int32_t))));
 
@@ -76,8 +85,29 @@ inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 #endif
 
 // Fold a and b to half their width each and pack them: chunks of w lanes, a's even chunks beside
-// b's plus a's odd chunks beside b's (lane indices 16.. are b's):
-//     w = 4:  [a0-3 b0-3 a8-11 b8-11] + [a4-7 b4-7 a12-15 b12-15]
+// b's plus a's odd chunks beside b's (lane indices L.. are b's):
+//     L = 16, w = 4:  [a0-3 b0-3 a8-11 b8-11] + [a4-7 b4-7 a12-15 b12-15]
+// Lane i of `sum_lanes`'s result = the sum of the L lanes of v[i]. Rounds pair vector i with vector
+// i + n/2 of the n left: for L = 16, after round one vector i holds 8-lane partial sums of tokens
+// i and i + 8; after two, 4-lane ones of i, i + 4, i + 8, i + 12; ... and after four, the 16 sums
+// in order (15 adds and 30 shuffles for 16 dot products). L = 8 is the same from the second round.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+inline Vec fold4(Vec a, Vec b) {
+  return TM_SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + TM_SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+inline Vec fold2(Vec a, Vec b) {
+  return TM_SHUFFLE(a, b, 0, 1, 8, 9, 4, 5, 12, 13) + TM_SHUFFLE(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+}
+inline Vec fold1(Vec a, Vec b) {
+  return TM_SHUFFLE(a, b, 0, 8, 2, 10, 4, 12, 6, 14) + TM_SHUFFLE(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+}
+inline Vec sum_lanes(const Vec v[L]) {
+  Vec a[4], b[2];
+  for (int i = 0; i < 4; ++i) a[i] = fold4(v[i], v[i + 4]);
+  for (int i = 0; i < 2; ++i) b[i] = fold2(a[i], a[i + 2]);
+  return fold1(b[0], b[1]);
+}
+#else
 inline Vec fold8(Vec a, Vec b) {
   return TM_SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
          TM_SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -94,17 +124,13 @@ inline Vec fold1(Vec a, Vec b) {
   return TM_SHUFFLE(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
          TM_SHUFFLE(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
-
-// Lane i of the result = the sum of the 16 lanes of v[i]. Four rounds, each pairing vector i
-// with vector i + n/2 of the n left: after round one, vector i holds 8-lane partial sums of
-// tokens i and i + 8; after two, 4-lane ones of i, i + 4, i + 8, i + 12; ... and after four,
-// the 16 sums in order. 15 adds and 30 shuffles for 16 dot products.
 inline Vec sum_lanes(const Vec v[L]) {
   Vec a[8], b[4];
   for (int i = 0; i < 8; ++i) a[i] = fold8(v[i], v[i + 8]);
   for (int i = 0; i < 4; ++i) b[i] = fold4(a[i], a[i + 4]);
   return fold1(fold2(b[0], b[2]), fold2(b[1], b[3]));
 }
+#endif
 
 inline Vec vec_max(Vec a, Vec b) { return a > b ? a : b; }  // b where either is NaN
 inline float reduce_max(Vec v) {
