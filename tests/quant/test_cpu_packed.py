@@ -147,3 +147,17 @@ def test_kernel_choice(monkeypatch):
     base.cpu_packed_kernel.cache_clear()
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     assert base.cpu_packed_kernel() == ("torch" if avx512 else "tokenmill")
+
+
+def test_start_up_note_names_the_kernels(monkeypatch):
+    from tokenmill.quant.report import weights_note
+
+    w = torch.randn(64, 64) * 0.05
+    for choice in ("tokenmill", "torch"):
+        monkeypatch.setenv("TOKENMILL_CPU_PACKED", choice)
+        base.cpu_packed_kernel.cache_clear()
+        model = torch.nn.Sequential(Int4Linear.from_float(w, 32), Int8Linear.from_float(w))
+        note = weights_note(model, "int4", torch.bfloat16)
+        assert note.startswith("int4: 1 int4 g32 + 1 int8 packed linears")
+        assert note.endswith("CPU kernels: tokenmill's (no AVX-512)") == (choice == "tokenmill")
+    base.cpu_packed_kernel.cache_clear()

@@ -10,6 +10,7 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.quant.base import QuantLinear
 from tokenmill.quant.int4 import Int4Linear
+from tokenmill.quant.int8 import Int8Linear
 
 
 def _kind(m: QuantLinear) -> str:
@@ -17,17 +18,21 @@ def _kind(m: QuantLinear) -> str:
 
 
 def weights_note(model: nn.Module, scheme: str, dtype: torch.dtype) -> str:
-    """e.g. 'gguf: 210 int4 g32 + 1 int8 packed linears, 73.2 MiB resident; activations bfloat16'."""
+    """e.g. 'gguf: 210 int4 g32 + 1 int8 packed linears, 73.2 MiB resident; activations bfloat16',
+    and "; CPU kernels: tokenmill's (no AVX-512)" where they run those (base.cpu_packed_kernel)."""
     kinds: Counter[str] = Counter()
     seen: set[int] = set()
+    own = False
     for m in model.modules():
         if isinstance(m, QuantLinear) and id(m) not in seen:
             seen.add(id(m))
             kinds[_kind(m)] += 1
+            own |= (isinstance(m, Int4Linear) and m.cpu_tile > 0) or (isinstance(m, Int8Linear) and m.own_kernel)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
     packed = " + ".join(f"{n} {k}" for k, n in kinds.most_common()) or "no"
-    return f"{scheme}: {packed} packed linears, {mib:.1f} MiB resident; activations {str(dtype).removeprefix('torch.')}"
+    note = f"{scheme}: {packed} packed linears, {mib:.1f} MiB resident; activations {str(dtype).removeprefix('torch.')}"
+    return note + ("; CPU kernels: tokenmill's (no AVX-512)" if own else "")
 
 
 def kv_cache_note(model: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str) -> str:
