@@ -59,9 +59,10 @@ def test_kernel_equals_plain_form_and_reference(tile, n, k, group):
     y = cpu_kernels.int4_mm(x, packed, group, sz, tile)
     assert y.dtype == torch.bfloat16 and y.shape == (13, n)
     assert torch.equal(y, cpu_kernels.int4_mm(x, packed, group, sz, tile, scalar=True))
-    # each row alone (M = 1 takes another code path) and in blocks of 4 plus a tail
+    # each row alone (M = 1 takes another code path), and in blocks of 6, 4 and single rows
     assert torch.equal(y, torch.cat([cpu_kernels.int4_mm(x[i:i + 1], packed, group, sz, tile) for i in range(13)]))
-    assert torch.equal(y[:9], cpu_kernels.int4_mm(x[:9], packed, group, sz, tile))
+    for m in (4, 9, 10):
+        assert torch.equal(y[:m], cpu_kernels.int4_mm(x[:m], packed, group, sz, tile))
     ref = x.float() @ w.t()
     # float32 sums, then one bf16 rounding: within 2^-8 of each output plus the sums' own error
     assert ((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all()

@@ -18,7 +18,7 @@
 //   y[m, n]  = bf16(acc)                                           round to nearest even
 //
 // Threads split the output into tiles (contiguous in memory). M = 1 keeps a tile's partial sums in
-// registers; larger M first widens a group of a tile to float32 and runs a 4 x 16 register block
+// registers; larger M first widens a group of a tile to float32 and runs 6 x 16 register blocks
 // over it. `scalar` runs the plain C++ form of
 // the same arithmetic (tests compare the two bit for bit).
 //
@@ -164,7 +164,8 @@ inline void rows_avx2(const float* wq, int64_t group, int64_t j0, const float* x
   }
 }
 
-// M > 1: each group of the tile widened to float once, then 4 x 16 blocks (and a 1-3 row tail).
+// M > 1: each group of the tile widened to float once, then 6 x 16 blocks of x rows x tile rows
+// (12 accumulators: FMA latency hidden), a 4 x 16 block and single rows for the rest.
 template <int T>
 void tile_rows_avx2(const uint8_t* tile, const c10::BFloat16* sz, int64_t np, int64_t n0, int64_t k, int64_t group,
                     const float* xf, const float* xs, int64_t m, float* acc) {
@@ -184,6 +185,9 @@ void tile_rows_avx2(const uint8_t* tile, const c10::BFloat16* sz, int64_t np, in
       }
     }
     int64_t r = 0;
+    for (; r + 6 <= m; r += 6)
+      for (int64_t j0 = 0; j0 < T; j0 += 16)
+        rows_avx2<T, 6>(wq, group, j0, xf + r * k, k, g * group, s, zz, xs + r * groups, groups, g, acc + r * T);
     for (; r + 4 <= m; r += 4)
       for (int64_t j0 = 0; j0 < T; j0 += 16)
         rows_avx2<T, 4>(wq, group, j0, xf + r * k, k, g * group, s, zz, xs + r * groups, groups, g, acc + r * T);
