@@ -119,7 +119,7 @@ CPU_PACKED_KERNELS = ("auto", "tokenmill", "torch")
 def cpu_packed_kernel() -> str:
     """tokenmill | torch: the kernels packed int4 and int8 layers run on the CPU.
     TOKENMILL_CPU_PACKED=auto (default) takes tokenmill's (kernels/csrc/int4_mm.cpp, int8_mm.cpp)
-    where torch has no AVX-512 kernels, which there convert bf16 in software (on two Zen 3 cores,
+    on AVX2 CPUs without AVX-512, where torch's convert bf16 in software (on two Zen 3 cores,
     batch 1: int4 ~2x, the int8 LM head ~2.5x the bytes per second; docs/quantization.md), and
     where the C++ kernels are built; torch's elsewhere."""
     choice = os.environ.get("TOKENMILL_CPU_PACKED", "auto")
@@ -134,9 +134,9 @@ def cpu_packed_kernel() -> str:
             raise ConfigError("TOKENMILL_CPU_PACKED=tokenmill needs the C++ CPU kernels, which are unavailable "
                               "(see the log)")
         return "torch"
-    if choice == "tokenmill" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    if choice == "tokenmill" or torch.backends.cpu.get_cpu_capability() == "AVX2":
         return "tokenmill"
-    return "torch"
+    return "torch"  # AVX-512 (torch's kernels are fast there), or a CPU its AVX2 code does not build for
 
 
 def dense_min_tokens(device: torch.device) -> int:
