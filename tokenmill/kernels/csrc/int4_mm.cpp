@@ -120,28 +120,61 @@ inline void nibbles8(const uint8_t* p, __m256& lo, __m256& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 }
 
-// M = 1: the tile's T group sums in T/8 registers (a[row / 8]).
+// A group's (s, z - 8 s) of rows n0 + 8i .. n0 + 8i + 7 as float32 vectors: 16 interleaved bf16
+// are 8 32-bit lanes (s low, z high), so widening is a shift and a mask.
+inline void scales8(const c10::BFloat16* p, __m256& s, __m256& zz) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  const __m256 z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  zz = _mm256_sub_ps(z, _mm256_mul_ps(_mm256_set1_ps(8.f), s));  // 8 s is exact: as tile_scales
+}
+
+// pshufb masks putting bytes 0..3 (8..11) of each 128-bit lane's copy of 16 bytes into the low
+// byte of 32-bit lanes 0..3, and bytes 4..7 (12..15) into lanes 4..7: row j's byte in lane j.
+inline __m256i spread_mask(int first) {
+  alignas(32) int8_t m[32];
+  for (int lane = 0; lane < 2; ++lane)
+    for (int d = 0; d < 4; ++d)
+      for (int b = 0; b < 4; ++b) m[16 * lane + 4 * d + b] = b == 0 ? static_cast<int8_t>(first + 4 * lane + d) : -128;
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
+}
+
+// M = 1: the tile's T group sums in T/8 registers (a[row / 8]). Per column, each 16 bytes are
+// loaded once into both 128-bit lanes and split into low and high nibbles (3 ops for 32 values);
+// one pshufb then places 8 rows' values in 32-bit lanes, one convert and one FMA per 8 values.
 template <int T>
 void tile_row_avx2(const uint8_t* tile, const c10::BFloat16* sz, int64_t np, int64_t n0, int64_t k, int64_t group,
                    const float* xf, const float* xs, float* acc) {
-  using L = Tile<T>;
-  float s[T], zz[T];
+  constexpr int kHalves = T / 32;  // 16-byte pieces of a column: bytes 16h.. are rows 16h.. (low) and T/2 + 16h..
+  const __m256i first = spread_mask(0), second = spread_mask(8), nib = _mm256_set1_epi8(0x0F);
   const int64_t groups = k / group;
+  __m256 total[T / 8];
+  for (int i = 0; i < T / 8; ++i) total[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    tile_scales<T>(sz, np, g, n0, s, zz);
     __m256 a[T / 8];
     for (int i = 0; i < T / 8; ++i) a[i] = _mm256_setzero_ps();
     for (int64_t c = g * group; c < (g + 1) * group; ++c) {
       const __m256 xv = _mm256_set1_ps(xf[c]);
-      for (int i = 0; i < L::kChunks; ++i) {  // unrolled: the row indices are constants
-        __m256 lo, hi;
-        nibbles8(L::chunk(tile, c, i), lo, hi);
-        a[L::lo_row(i) / 8] = _mm256_fmadd_ps(lo, xv, a[L::lo_row(i) / 8]);
-        a[L::hi_row(i) / 8] = _mm256_fmadd_ps(hi, xv, a[L::hi_row(i) / 8]);
+      for (int h = 0; h < kHalves; ++h) {
+        const __m256i b = _mm256_broadcastsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + c * (T / 2) + 16 * h)));
+        const __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+        const int l0 = 2 * h, h0 = T / 16 + 2 * h;  // a[] index of rows 16h and T/2 + 16h
+        a[l0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_shuffle_epi8(lo, first)), xv, a[l0]);
+        a[l0 + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_shuffle_epi8(lo, second)), xv, a[l0 + 1]);
+        a[h0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_shuffle_epi8(hi, first)), xv, a[h0]);
+        a[h0 + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_shuffle_epi8(hi, second)), xv, a[h0 + 1]);
       }
     }
-    for (int i = 0; i < T / 8; ++i) combine8(acc + 8 * i, s + 8 * i, zz + 8 * i, a[i], xs[g]);
+    const c10::BFloat16* p = sz + (g * np + n0) * 2;
+    const __m256 xsv = _mm256_set1_ps(xs[g]);
+    for (int i = 0; i < T / 8; ++i) {  // combine(): fma(s, a, fma(z - 8 s, xs, acc))
+      __m256 s, zz;
+      scales8(p + 16 * i, s, zz);
+      total[i] = _mm256_fmadd_ps(s, a[i], _mm256_fmadd_ps(zz, xsv, total[i]));
+    }
   }
+  for (int i = 0; i < T / 8; ++i) _mm256_storeu_ps(acc + 8 * i, total[i]);
 }
 
 // MR rows of x against rows j0..j0+15 of a tile's group widened to float, wq[c][T].
