@@ -12,9 +12,10 @@
 //   v        = A + B; t[i] = v[i] + v[i + 4]; u[i] = t[i] + t[i + 2]; d = u[0] + u[1]
 //   y[m, n]  = bf16(d * scale[n])                                 round to nearest even
 //
-// M = 1 widens weights in registers, four rows at a time; larger M runs 2 x 2 blocks (two weight
-// rows, two rows of x), over four rows widened to float once where K <= 1024 (they stay in L1),
-// widening in registers otherwise. `scalar` runs the plain C++ form of the same arithmetic (tests
+// M = 1 widens weights in registers, four rows at a time, with software prefetch; larger M takes
+// blocks of 8 weight rows, and for each 3 (then 2, 1) rows of x runs 2 x 3 blocks over the block's
+// pairs of rows, widening in registers too (widening each block to float once in memory was slower
+// at every M on Zen 3: the float copy is 4x the bytes to load). `scalar` runs the plain C++ form of the same arithmetic (tests
 // compare them bit for bit).
 //
 // Schema: tokenmill::int8_mm(Tensor x [M, Kp] bf16, Tensor q [N, Kp] int8, Tensor scale [N] bf16,
@@ -26,6 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -35,8 +37,8 @@
 
 namespace {
 
-constexpr int64_t kRowBlock = 4;     // weight rows per step
-constexpr int64_t kWidenMaxK = 1024;  // M > 1: rows this short are widened to float once (L1-sized)
+constexpr int64_t kRowBlock = 4;      // weight rows per step at M = 1
+constexpr int64_t kWideBlock = 8;     // and at M > 1 (an int8 block of 8 x 576 is 4.6 KB: in L1 with 3 x rows)
 
 inline float finish(const float* v /* 8 lanes: A + B */) {
   float t[4], u[2];
@@ -91,32 +93,58 @@ void rows_one(const int8_t* q, int64_t kp, const float* x, float* d /* [4] */) {
   d[3] = finish8(a3, b3);
 }
 
-inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
-inline __m256 load8(const int8_t* q) { return widen8(q); }
-
-// Two weight rows (int8, or already widened to float) against two x rows: d[i][r] for x row i,
-// weight row r.
-template <typename W>
-void two_by_two(const W* w0, const W* w1, int64_t kp, const float* x0, const float* x1, float d[2][2]) {
-  __m256 a00 = _mm256_setzero_ps(), b00 = a00, a01 = a00, b01 = a00, a10 = a00, b10 = a00, a11 = a00, b11 = a00;
+// Two int8 weight rows, widened in registers, against NX rows of x: d[i][r] for x row i,
+// weight row r. NX = 3 holds 12 accumulators and loads 10 vectors per 12 FMAs (2 x 2: 8 per 8).
+template <int NX>
+void two_by_n(const int8_t* w0, const int8_t* w1, int64_t kp, const float* const* x, float d[][2]) {
+  __m256 a[NX][2], b[NX][2];
+  for (int i = 0; i < NX; ++i) a[i][0] = a[i][1] = b[i][0] = b[i][1] = _mm256_setzero_ps();
   for (int64_t j = 0; j < kp; j += 16) {
-    const __m256 w0a = load8(w0 + j), w0b = load8(w0 + j + 8);
-    const __m256 w1a = load8(w1 + j), w1b = load8(w1 + j + 8);
-    const __m256 x0a = _mm256_loadu_ps(x0 + j), x0b = _mm256_loadu_ps(x0 + j + 8);
-    const __m256 x1a = _mm256_loadu_ps(x1 + j), x1b = _mm256_loadu_ps(x1 + j + 8);
-    a00 = _mm256_fmadd_ps(w0a, x0a, a00);
-    b00 = _mm256_fmadd_ps(w0b, x0b, b00);
-    a01 = _mm256_fmadd_ps(w1a, x0a, a01);
-    b01 = _mm256_fmadd_ps(w1b, x0b, b01);
-    a10 = _mm256_fmadd_ps(w0a, x1a, a10);
-    b10 = _mm256_fmadd_ps(w0b, x1b, b10);
-    a11 = _mm256_fmadd_ps(w1a, x1a, a11);
-    b11 = _mm256_fmadd_ps(w1b, x1b, b11);
+    const __m256 w0a = widen8(w0 + j), w1a = widen8(w1 + j);  // the A half, then the B half:
+    for (int i = 0; i < NX; ++i) {                          // 12 accumulators + 3 in 16 registers
+      const __m256 xa = _mm256_loadu_ps(x[i] + j);
+      a[i][0] = _mm256_fmadd_ps(w0a, xa, a[i][0]);
+      a[i][1] = _mm256_fmadd_ps(w1a, xa, a[i][1]);
+    }
+    const __m256 w0b = widen8(w0 + j + 8), w1b = widen8(w1 + j + 8);
+    for (int i = 0; i < NX; ++i) {
+      const __m256 xb = _mm256_loadu_ps(x[i] + j + 8);
+      b[i][0] = _mm256_fmadd_ps(w0b, xb, b[i][0]);
+      b[i][1] = _mm256_fmadd_ps(w1b, xb, b[i][1]);
+    }
   }
-  d[0][0] = finish8(a00, b00);
-  d[0][1] = finish8(a01, b01);
-  d[1][0] = finish8(a10, b10);
-  d[1][1] = finish8(a11, b11);
+  for (int i = 0; i < NX; ++i) {
+    d[i][0] = finish8(a[i][0], b[i][0]);
+    d[i][1] = finish8(a[i][1], b[i][1]);
+  }
+}
+
+// A block of `rows` weight rows (row r at w + r * kp) against every row of x, x rows outer (in
+// threes and twos: they stay in L1 while the block's pairs of weight rows pass; an odd row pairs
+// with itself). d[i * rows_per_block + r].
+void block_all_rows(const int8_t* w, int64_t rows, int64_t kp, const float* xf, int64_t m, int64_t rows_per_block,
+                    float* d) {
+  float dd[3][2];
+  auto run = [&](auto nx, int64_t i) {
+    constexpr int NX = decltype(nx)::value;
+    const float* x[NX];
+    for (int t = 0; t < NX; ++t) x[t] = xf + (i + t) * kp;
+    for (int64_t r = 0; r < rows; r += 2) {
+      const int64_t r1 = std::min(r + 1, rows - 1);
+      two_by_n<NX>(w + r * kp, w + r1 * kp, kp, x, dd);
+      for (int t = 0; t < NX; ++t) {
+        d[(i + t) * rows_per_block + r] = dd[t][0];
+        d[(i + t) * rows_per_block + r1] = dd[t][1];
+      }
+    }
+  };
+  // Threes, then twos; a lone row (M = 1 here only for blocks short of 4 rows) is the slowest:
+  // 3k + 1 rows run as 3(k - 1) + 2 + 2.
+  const int64_t threes = m % 3 == 1 && m >= 4 ? m / 3 - 1 : m / 3;
+  int64_t i = 0;
+  for (; i < 3 * threes; i += 3) run(std::integral_constant<int, 3>{}, i);
+  for (; i + 2 <= m; i += 2) run(std::integral_constant<int, 2>{}, i);
+  for (; i < m; ++i) run(std::integral_constant<int, 1>{}, i);
 }
 #endif
 
@@ -139,11 +167,11 @@ at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& q_in, const at::Ten
   const int8_t* q = q_t.data_ptr<int8_t>();
   const c10::BFloat16* scale = scale_t.data_ptr<c10::BFloat16>();
   c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t rb = m == 1 ? kRowBlock : kWideBlock, blocks = (n + rb - 1) / rb;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<float> w(kp <= kWidenMaxK ? kRowBlock * kp : 0), d(kRowBlock * m);
+    std::vector<float> d(rb * m);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kRowBlock, rows = std::min(kRowBlock, n - n0);
+      const int64_t n0 = b * rb, rows = std::min(rb, n - n0);
       const int8_t* qb = q + n0 * kp;
       bool done = false;
 #ifdef TOKENMILL_INT8_AVX2
@@ -151,34 +179,16 @@ at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& q_in, const at::Ten
         rows_one(qb, kp, xf.data(), d.data());
         done = true;
       } else if (!scalar) {
-        const bool widen = kp <= kWidenMaxK;
-        if (widen)
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t j = 0; j < kp; j += 8) _mm256_storeu_ps(w.data() + r * kp + j, widen8(qb + r * kp + j));
-        for (int64_t r = 0; r < rows; r += 2) {  // pairs of rows of each side; an odd one pairs with itself
-          const int64_t r1 = std::min(r + 1, rows - 1);
-          for (int64_t i = 0; i < m; i += 2) {
-            const int64_t i1 = std::min(i + 1, m - 1);
-            float dd[2][2];
-            if (widen)
-              two_by_two(w.data() + r * kp, w.data() + r1 * kp, kp, xf.data() + i * kp, xf.data() + i1 * kp, dd);
-            else
-              two_by_two(qb + r * kp, qb + r1 * kp, kp, xf.data() + i * kp, xf.data() + i1 * kp, dd);
-            d[i * kRowBlock + r] = dd[0][0];
-            d[i * kRowBlock + r1] = dd[0][1];
-            d[i1 * kRowBlock + r] = dd[1][0];
-            d[i1 * kRowBlock + r1] = dd[1][1];
-          }
-        }
+        block_all_rows(qb, rows, kp, xf.data(), m, rb, d.data());
         done = true;
       }
 #endif
       if (!done)
         for (int64_t i = 0; i < m; ++i)
-          for (int64_t r = 0; r < rows; ++r) d[i * kRowBlock + r] = dot_scalar(qb + r * kp, xf.data() + i * kp, kp);
+          for (int64_t r = 0; r < rows; ++r) d[i * rb + r] = dot_scalar(qb + r * kp, xf.data() + i * kp, kp);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t r = 0; r < rows; ++r)
-          out[i * n + n0 + r] = c10::BFloat16(d[i * kRowBlock + r] * static_cast<float>(scale[n0 + r]));
+          out[i * n + n0 + r] = c10::BFloat16(d[i * rb + r] * static_cast<float>(scale[n0 + r]));
     }
   });
   return y;
