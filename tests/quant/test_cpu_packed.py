@@ -99,17 +99,19 @@ def test_bad_input_one_line_errors():
 
 @pytest.mark.parametrize("n,kp", [(4, 16), (37, 64), (258, 576), (66, 1040), (9, 2048)])
 def test_int8_kernel_equals_plain_form_and_reference(n, kp):
-    """K up to 1024 widens rows to float once at M > 1, longer K in registers (1040, 2048); odd
-    row counts pair a row with itself."""
+    """M > 1 runs blocks of 8 weight rows against x rows in threes and twos (M = 7: 3 + 2 + 2, 8:
+    3 + 3 + 2, 5: 3 + 2, 4: 2 + 2); odd weight-row counts pair a row with itself; M = 1 takes its
+    own path (four rows, a lone row for a short last block)."""
     g = torch.Generator().manual_seed(n * kp)
     q = torch.randint(-127, 128, (n, kp), generator=g, dtype=torch.int8)
     scale = (torch.rand(n, generator=g) * 0.01 + 1e-4).to(torch.bfloat16)
-    x = torch.randn(7, kp, generator=g).to(torch.bfloat16)
+    x = torch.randn(8, kp, generator=g).to(torch.bfloat16)
     y = cpu_kernels.int8_mm(x, q, scale)
-    assert y.dtype == torch.bfloat16 and y.shape == (7, n)
+    assert y.dtype == torch.bfloat16 and y.shape == (8, n)
     assert torch.equal(y, cpu_kernels.int8_mm(x, q, scale, scalar=True))
-    assert torch.equal(y, torch.cat([cpu_kernels.int8_mm(x[i:i + 1], q, scale) for i in range(7)]))
-    assert torch.equal(y[:4], cpu_kernels.int8_mm(x[:4], q, scale))
+    assert torch.equal(y, torch.cat([cpu_kernels.int8_mm(x[i:i + 1], q, scale) for i in range(8)]))
+    for m in (2, 3, 4, 5, 7):
+        assert torch.equal(y[:m], cpu_kernels.int8_mm(x[:m], q, scale))
     ref = (x.float() @ q.float().t()) * scale.float()
     assert ((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all()
 
