@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.attention.paged import AttentionMetadata, dense_attention, paged_attention, write_kv
+from tokenmill.attention.paged import (AttentionMetadata, _prefill_attention, dense_attention, paged_attention,
+                                      write_kv)
 
 
 def _random_case(seed: int, lens: list[int], new: list[int], h=6, hkv=2, d=16, bs=4, num_blocks=64):
@@ -82,3 +83,29 @@ def test_dense_attention_matches_naive_softmax():
     scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
     ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     torch.testing.assert_close(dense_attention(q, k, v, 0.5), ref, atol=1e-5, rtol=1e-5)
+
+
+def _naive_chunk(q, k, v, scale):
+    """q [n, H, D] at positions s - n .. s - 1 over k/v [S, Hkv, D], KV heads shared in order."""
+    n, s, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
+    kh, vh = k.repeat_interleave(group, dim=1).float(), v.repeat_interleave(group, dim=1).float()
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kh) * scale
+    scores = scores.masked_fill(torch.ones(n, s, dtype=torch.bool).triu(s - n + 1), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vh)
+
+
+@pytest.mark.parametrize("n,s", [(9, 9), (5, 21)], ids=["fresh-prompt", "chunk-after-16-cached"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_gqa_equals_naive_and_runs_fused(n, s, dtype):
+    """9 query heads over 3 KV heads; SDPA's fused CPU kernel runs (3-d inputs fell back to the
+    unfused math path)."""
+    g = torch.Generator().manual_seed(n * s)
+    q = torch.randn(n, 9, 64, generator=g).to(dtype)
+    k, v = (torch.randn(s, 3, 64, generator=g).to(dtype) for _ in range(2))
+    with torch.profiler.profile() as prof:
+        out = _prefill_attention(q, k, v, 0.125, 3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), _naive_chunk(q, k, v, 0.125), atol=tol, rtol=tol)
+    kernels = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels, sorted(kernels)
+

@@ -118,16 +118,20 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
     SDPA gets 4-d [1, heads, len, D] tensors: its fused kernels (flash on the CPU and on CUDA)
     take only those, and 3-d ones fall back to the unfused math path (on two CPU cores 1.3-3x
-    slower at 128-1024 tokens). KV heads are shared by `group` query heads (enable_gqa, no copies)."""
+    slower at 128-1024 tokens). KV heads are shared by `group` query heads without copies
+    (enable_gqa), except for a masked chunk on CUDA, whose kernel that takes a mask (memory-
+    efficient) has no GQA: there they are repeated."""
     n, s = q.shape[0], k.shape[0]
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, n, D], [1, Hkv, S, D]
-    gqa = group > 1
     if s == n:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=group > 1)
     else:
+        if group > 1 and q.is_cuda:
+            kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
         # query i sits at position s - n + i and sees keys 0 .. s - n + i
         mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                           enable_gqa=group > 1 and not q.is_cuda)
     return o[0].transpose(0, 1)
 
 
