@@ -17,6 +17,7 @@ everything after the gather is the same code.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -128,11 +129,21 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     else:
         if group > 1 and q.is_cuda:
             kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
-        # query i sits at position s - n + i and sees keys 0 .. s - n + i
-        mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+        make = _make_chunk_mask if torch.compiler.is_compiling() else _chunk_mask  # traced graphs: no cache
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=make(n, s, q.dtype, q.device), scale=scale,
                                            enable_gqa=group > 1 and not q.is_cuda)
     return o[0].transpose(0, 1)
+
+
+def _make_chunk_mask(n: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive causal mask [n, S] of a chunk after S - n cached tokens: query i sits at position
+    S - n + i and sees keys 0 .. S - n + i (0 there, -inf after)."""
+    seen = torch.ones(n, s, dtype=torch.bool, device=device).tril(diagonal=s - n)
+    return torch.zeros(n, s, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
+
+
+# The same for every layer of a step (SDPA would otherwise turn a boolean mask into this per call).
+_chunk_mask = functools.lru_cache(maxsize=8)(_make_chunk_mask)
 
 
 def _decode_attention(q: torch.Tensor, k_cache: KVPool, v_cache: KVPool,
