@@ -59,9 +59,10 @@ def test_kernel_equals_plain_form_and_reference(tile, n, k, group):
     y = cpu_kernels.int4_mm(x, packed, group, sz, tile)
     assert y.dtype == torch.bfloat16 and y.shape == (13, n)
     assert torch.equal(y, cpu_kernels.int4_mm(x, packed, group, sz, tile, scalar=True))
-    # each row alone (M = 1 takes another code path), and in blocks of 6, 4 and single rows
+    # each row alone; M < 6 in pairs of rows and a single one (2, 3, 5), M >= 6 in blocks of 6, 4
+    # and single rows (9, 10, 13)
     assert torch.equal(y, torch.cat([cpu_kernels.int4_mm(x[i:i + 1], packed, group, sz, tile) for i in range(13)]))
-    for m in (4, 9, 10):
+    for m in (2, 3, 4, 5, 9, 10):
         assert torch.equal(y[:m], cpu_kernels.int4_mm(x[:m], packed, group, sz, tile))
     ref = x.float() @ w.t()
     # float32 sums, then one bf16 rounding: within 2^-8 of each output plus the sums' own error
