@@ -109,3 +109,20 @@ def test_prefill_attention_gqa_equals_naive_and_runs_fused(n, s, dtype):
     kernels = {e.key for e in prof.key_averages()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels, sorted(kernels)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,s", [(64, 64), (32, 96)], ids=["fresh-prompt", "chunk-after-64-cached"])
+def test_prefill_attention_runs_fused_on_cuda(n, s):
+    """bf16 on CUDA: flash (fresh prompt) or memory-efficient attention (masked chunk), never the
+    math path; equal to the naive softmax within bf16 rounding."""
+    g = torch.Generator().manual_seed(n + s)
+    q = torch.randn(n, 9, 64, generator=g).bfloat16()
+    k, v = (torch.randn(s, 3, 64, generator=g).bfloat16() for _ in range(2))
+    with torch.profiler.profile() as prof:
+        out = _prefill_attention(q.cuda(), k.cuda(), v.cuda(), 0.125, 3)
+        torch.cuda.synchronize()
+    kernels = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in kernels, sorted(kernels)
+    torch.testing.assert_close(out.float().cpu(), _naive_chunk(q, k, v, 0.125), atol=2e-2, rtol=2e-2)
