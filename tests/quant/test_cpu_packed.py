@@ -1,5 +1,5 @@
-"""tokenmill's CPU packed kernels (kernels/csrc/int4_mm.cpp, int8_mm.cpp) and torch's CPU
-int4pack layout.
+"""tokenmill's CPU packed kernels (kernels/csrc/int4_mm.cpp, int8_mm.cpp: int8 and fp8) and
+torch's CPU int4pack layout.
 
 torch lays packed int4 weights out in 64-row tiles where it runs AVX-512 kernels and in 32-row
 tiles on AVX2 CPUs; `cpu_tile_rows` reads the layout off torch, and the kernel takes either. Both
@@ -20,6 +20,7 @@ from tokenmill.config import ConfigError
 from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.quant import base
 from tokenmill.quant.int4 import Int4Linear, cpu_tile_rows, dequantize_int4, quantize_int4, unpack_cpu_tiles
+from tokenmill.quant.fp8 import FP8, Fp8Linear
 from tokenmill.quant.int8 import Int8Linear
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="needs the C++ CPU kernels (g++ and ninja)")
@@ -128,6 +129,64 @@ def test_int8_layer_runs_the_chosen_kernel(monkeypatch):
         ref = x.to(torch.bfloat16).float() @ layer.dequantize().t()
         assert float((y - ref).norm() / ref.norm()) < 4e-3
     base.cpu_packed_kernel.cache_clear()
+
+
+def fp8_codes(n: int, kp: int, seed: int) -> torch.Tensor:
+    """Every e4m3fn bit pattern but NaN (s.1111.111), subnormals included, at random."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, 256, (n, kp), generator=g, dtype=torch.uint8)
+    c[(c & 0x7F) == 0x7F] = 0x42
+    return c.view(FP8)
+
+
+@pytest.mark.parametrize("n,kp", [(4, 16), (37, 64), (258, 576), (9, 2048)])
+def test_fp8_kernel_equals_plain_form_and_reference(n, kp):
+    q = fp8_codes(n, kp, n * kp)
+    g = torch.Generator().manual_seed(n + kp)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    x = torch.randn(8, kp, generator=g).to(torch.bfloat16)
+    y = cpu_kernels.fp8_mm(x, q, scale)
+    assert y.dtype == torch.bfloat16 and y.shape == (8, n)
+    assert torch.equal(y, cpu_kernels.fp8_mm(x, q, scale, scalar=True))
+    assert torch.equal(y, torch.cat([cpu_kernels.fp8_mm(x[i:i + 1], q, scale) for i in range(8)]))
+    for m in (2, 3, 5):
+        assert torch.equal(y[:m], cpu_kernels.fp8_mm(x[:m], q, scale))
+    ref = (x.float() @ q.float().t()) * scale
+    assert ((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max()).all()
+
+
+def test_fp8_codes_widen_exactly():
+    """One-hot rows of x pick single codes: y = bf16(code), for all 254 non-NaN patterns, through
+    the blocked (M = 16) and the single-row paths."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    q = torch.cat([codes, codes.new_zeros(2)]).view(16, 16).view(FP8)  # 256 slots, 254 codes
+    eye = torch.eye(16).to(torch.bfloat16)
+    want = q.float().to(torch.bfloat16).t()  # [16 x-rows (k), 16 weight rows (n)]
+    assert torch.equal(cpu_kernels.fp8_mm(eye, q, torch.ones(16)), want)
+    assert torch.equal(cpu_kernels.fp8_mm(eye[3:4], q, torch.ones(16)), want[3:4])
+
+
+def test_fp8_layer_runs_the_chosen_kernel(monkeypatch):
+    w, x = torch.randn(96, 64) * 0.05, torch.randn(3, 64).to(torch.bfloat16)
+    ref = x.float() @ Fp8Linear.from_float(w).dequantize().t()
+    for choice in ("tokenmill", "torch"):
+        monkeypatch.setenv("TOKENMILL_CPU_PACKED", choice)
+        base.cpu_packed_kernel.cache_clear()
+        layer = Fp8Linear.from_float(w)
+        assert layer.own_kernel == (choice == "tokenmill")
+        y = layer.matmul(x)
+        assert y.dtype == torch.bfloat16
+        assert float((y.float() - ref).norm() / ref.norm()) < 4e-3
+    base.cpu_packed_kernel.cache_clear()
+    assert not Fp8Linear.from_float(torch.randn(8, 40)).own_kernel  # K not a multiple of 16: emulated
+
+
+def test_fp8_bad_input_one_line_errors():
+    q = fp8_codes(4, 32, 0)
+    with pytest.raises(RuntimeError, match=r"q must be float8_e4m3fn \[N, Kp\] with x's Kp, a multiple of 16"):
+        cpu_kernels.fp8_mm(torch.randn(2, 48).bfloat16(), q, torch.ones(4))
+    with pytest.raises(RuntimeError, match=r"scale must be float32 \[N\]"):
+        cpu_kernels.fp8_mm(torch.randn(2, 32).bfloat16(), q, torch.ones(4).bfloat16())
 
 
 def test_int8_bad_input_one_line_errors():

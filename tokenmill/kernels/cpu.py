@@ -138,6 +138,10 @@ def _register_fakes() -> None:
     def _(x, q, scale, scalar=False):
         return x.new_empty((x.shape[0], q.shape[0]))
 
+    @torch.library.register_fake("tokenmill::fp8_mm")
+    def _(x, q, scale, scalar=False):
+        return x.new_empty((x.shape[0], q.shape[0]))
+
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, ctx_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -175,3 +179,10 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scalar: bool 
     """x [M, Kp] bf16 times int8 q [N, Kp] with one bf16 scale per row, [M, N] bf16; float32
     arithmetic, the same for every M (csrc/int8_mm.cpp). `scalar`: the plain C++ form (same bits)."""
     return torch.ops.tokenmill.int8_mm(x, q, scale, scalar)
+
+
+def fp8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scalar: bool = False) -> torch.Tensor:
+    """x [M, K] bf16 times float8_e4m3fn q [N, K] (K a multiple of 16) with one float32 scale per
+    row, [M, N] bf16: int8_mm's arithmetic over exactly widened e4m3 codes (csrc/int8_mm.cpp)."""
+    return torch.ops.tokenmill.fp8_mm(x, q, scale, scalar)
+

@@ -117,11 +117,11 @@ CPU_PACKED_KERNELS = ("auto", "tokenmill", "torch")
 
 @functools.cache
 def cpu_packed_kernel() -> str:
-    """tokenmill | torch: the kernels packed int4 and int8 layers run on the CPU.
-    TOKENMILL_CPU_PACKED=auto (default) takes tokenmill's (kernels/csrc/int4_mm.cpp, int8_mm.cpp)
-    on AVX2 CPUs without AVX-512, where torch's convert bf16 in software (on two Zen 3 cores,
-    batch 1: int4 ~2x, the int8 LM head ~2.5x the bytes per second; docs/quantization.md), and
-    where the C++ kernels are built; torch's elsewhere."""
+    """tokenmill | torch: the kernels packed int4 and int8 layers run on the CPU (and fp8 ones:
+    tokenmill's, or torch's emulation). TOKENMILL_CPU_PACKED=auto (default) takes tokenmill's
+    (kernels/csrc/int4_mm.cpp, int8_mm.cpp) on AVX2 CPUs without AVX-512, where torch's convert
+    bf16 in software (on two Zen 3 cores, batch 1: int4 ~2x, the int8 LM head ~2.5x the bytes per
+    second; docs/quantization.md), and where the C++ kernels are built; torch's elsewhere."""
     choice = os.environ.get("TOKENMILL_CPU_PACKED", "auto")
     if choice not in CPU_PACKED_KERNELS:
         raise ConfigError(f"TOKENMILL_CPU_PACKED={choice!r}: accepted {', '.join(CPU_PACKED_KERNELS)}")

@@ -5,9 +5,12 @@
 
 Native on CUDA devices with fp8 tensor cores (compute capability 8.9+: Ada, H100 and newer):
 activations are quantized per token to e4m3 and `torch._scaled_mm` runs with row-wise scales.
-Elsewhere it is emulated: the weight is widened to bf16 per call and one GEMM runs, the
-channel scale applied to the output. The emulation reads 1 byte per weight but also writes and
-reads a bf16 copy, so it is a quality preview, not a fast path.
+On CPUs where tokenmill's packed kernels run (base.cpu_packed_kernel: AVX2 without AVX-512),
+`tokenmill::fp8_mm` reads the codes in place (kernels/csrc/int8_mm.cpp: int8_mm's loop, each code
+widened exactly), at every M, where K is a multiple of 16. Elsewhere it is emulated: the weight
+is widened to bf16 per call and one GEMM runs, the channel scale applied to the output. The
+emulation reads 1 byte per weight but also writes and reads a bf16 copy, so it is a quality
+preview, not a fast path.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenmill.quant.base import ACT_DTYPE, QuantLinear
+from tokenmill.quant.base import ACT_DTYPE, QuantLinear, cpu_packed_kernel
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -44,6 +47,8 @@ class Fp8Linear(QuantLinear):
         self.register_buffer("qweight", q.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.native = fp8_native(q.device) and n % 16 == 0 and k % 16 == 0  # _scaled_mm's shape rule
+        # fixed here, not looked up per call: compiled graphs see a constant
+        self.own_kernel = q.device.type == "cpu" and k % 16 == 0 and cpu_packed_kernel() == "tokenmill"
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> Fp8Linear:
@@ -55,6 +60,8 @@ class Fp8Linear(QuantLinear):
             xq = (x.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
             return torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.scale[None, :],
                                     out_dtype=ACT_DTYPE)
+        if self.own_kernel and x.device.type == "cpu":
+            return torch.ops.tokenmill.fp8_mm(x.to(ACT_DTYPE).contiguous(), self.qweight, self.scale)
         return (F.linear(x, self.qweight.to(ACT_DTYPE)) * self.scale).to(ACT_DTYPE)
 
     def dequantize(self) -> torch.Tensor:

@@ -10,7 +10,6 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.quant.base import QuantLinear
 from tokenmill.quant.int4 import Int4Linear
-from tokenmill.quant.int8 import Int8Linear
 
 
 def _kind(m: QuantLinear) -> str:
@@ -27,7 +26,7 @@ def weights_note(model: nn.Module, scheme: str, dtype: torch.dtype) -> str:
         if isinstance(m, QuantLinear) and id(m) not in seen:
             seen.add(id(m))
             kinds[_kind(m)] += 1
-            own |= (isinstance(m, Int4Linear) and m.cpu_tile > 0) or (isinstance(m, Int8Linear) and m.own_kernel)
+            own |= m.cpu_tile > 0 if isinstance(m, Int4Linear) else bool(getattr(m, "own_kernel", False))
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
     packed = " + ".join(f"{n} {k}" for k, n in kinds.most_common()) or "no"

@@ -27,6 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -47,13 +48,33 @@ inline float finish(const float* v /* 8 lanes: A + B */) {
   return u[0] + u[1];
 }
 
+// The codes: int8 values, or float8 e4m3fn bit patterns (uint8). An e4m3fn code s.eeee.mmm is read
+// as a float32 whose low exponent and top mantissa bits are eeee.mmm, 2^(e - 127) 1.m (or the
+// subnormal 2^-126 0.m where e = 0, as e4m3's own subnormals), times 2^(127 - 7): exact, integer
+// and float operations only, so it vectorizes. (s.1111.111 is NaN in e4m3fn; quantize_fp8 never
+// writes it, and it is read here as 480.)
+struct Int8Codes {
+  using T = int8_t;
+  static float value(T c) { return static_cast<float>(c); }
+};
+struct Fp8Codes {
+  using T = uint8_t;
+  static float value(T c) {
+    const uint32_t bits = ((static_cast<uint32_t>(c) & 0x80u) << 24) | ((static_cast<uint32_t>(c) & 0x7fu) << 20);
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f * 0x1p120f;
+  }
+};
+
 // ---- plain C++: the reference form --------------------------------------------------------------
-float dot_scalar(const int8_t* q, const float* x, int64_t kp) {
+template <typename C>
+float dot_scalar(const typename C::T* q, const float* x, int64_t kp) {
   float a[8] = {}, b[8] = {}, v[8];
   for (int64_t j = 0; j < kp; j += 16)
     for (int i = 0; i < 8; ++i) {
-      a[i] = std::fma(static_cast<float>(q[j + i]), x[j + i], a[i]);
-      b[i] = std::fma(static_cast<float>(q[j + 8 + i]), x[j + 8 + i], b[i]);
+      a[i] = std::fma(C::value(q[j + i]), x[j + i], a[i]);
+      b[i] = std::fma(C::value(q[j + 8 + i]), x[j + 8 + i], b[i]);
     }
   for (int i = 0; i < 8; ++i) v[i] = a[i] + b[i];
   return finish(v);
@@ -62,6 +83,12 @@ float dot_scalar(const int8_t* q, const float* x, int64_t kp) {
 #ifdef TOKENMILL_INT8_AVX2
 inline __m256 widen8(const int8_t* q) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+inline __m256 widen8(const uint8_t* q) {  // e4m3fn codes, as Fp8Codes::value
+  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  const __m256i bits = _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24),
+                                       _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x7f)), 20));
+  return _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f));
 }
 
 inline float finish8(__m256 a, __m256 b) {
@@ -73,7 +100,8 @@ inline float finish8(__m256 a, __m256 b) {
 // M = 1: four weight rows against one x row, widened in registers. Each step also prefetches the
 // same share of the block after next: short rows (K = 576: 2.3 KB per block) are too short a
 // stream for the hardware prefetcher (an LM head of 49k x 576 streamed at 13 GB/s without, 30 with).
-void rows_one(const int8_t* q, int64_t kp, const float* x, float* d /* [4] */) {
+template <typename Q>
+void rows_one(const Q* q, int64_t kp, const float* x, float* d /* [4] */) {
   __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
   for (int64_t j = 0; j < kp; j += 16) {
     _mm_prefetch(reinterpret_cast<const char*>(q + 8 * kp + 4 * j), _MM_HINT_T0);  // the block after next
@@ -95,8 +123,8 @@ void rows_one(const int8_t* q, int64_t kp, const float* x, float* d /* [4] */) {
 
 // Two int8 weight rows, widened in registers, against NX rows of x: d[i][r] for x row i,
 // weight row r. NX = 3 holds 12 accumulators and loads 10 vectors per 12 FMAs (2 x 2: 8 per 8).
-template <int NX>
-void two_by_n(const int8_t* w0, const int8_t* w1, int64_t kp, const float* const* x, float d[][2]) {
+template <int NX, typename Q>
+void two_by_n(const Q* w0, const Q* w1, int64_t kp, const float* const* x, float d[][2]) {
   __m256 a[NX][2], b[NX][2];
   for (int i = 0; i < NX; ++i) a[i][0] = a[i][1] = b[i][0] = b[i][1] = _mm256_setzero_ps();
   for (int64_t j = 0; j < kp; j += 16) {
@@ -122,7 +150,8 @@ void two_by_n(const int8_t* w0, const int8_t* w1, int64_t kp, const float* const
 // A block of `rows` weight rows (row r at w + r * kp) against every row of x, x rows outer (in
 // threes and twos: they stay in L1 while the block's pairs of weight rows pass; an odd row pairs
 // with itself). d[i * rows_per_block + r].
-void block_all_rows(const int8_t* w, int64_t rows, int64_t kp, const float* xf, int64_t m, int64_t rows_per_block,
+template <typename Q>
+void block_all_rows(const Q* w, int64_t rows, int64_t kp, const float* xf, int64_t m, int64_t rows_per_block,
                     float* d) {
   float dd[3][2];
   auto run = [&](auto nx, int64_t i) {
@@ -148,31 +177,20 @@ void block_all_rows(const int8_t* w, int64_t rows, int64_t kp, const float* xf, 
 }
 #endif
 
-at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& scale_in, bool scalar) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "int8_mm: x must be [M, Kp] bfloat16, got ",
-              x_in.sizes(), " ", x_in.scalar_type());
-  TORCH_CHECK(q_in.dim() == 2 && q_in.scalar_type() == at::kChar && q_in.size(1) == x_in.size(1) &&
-                  q_in.size(1) % 16 == 0,
-              "int8_mm: q must be int8 [N, Kp] with x's Kp, a multiple of 16; got ", q_in.sizes(), " ",
-              q_in.scalar_type(), " for x ", x_in.sizes());
-  TORCH_CHECK(scale_in.dim() == 1 && scale_in.size(0) == q_in.size(0) && scale_in.scalar_type() == at::kBFloat16,
-              "int8_mm: scale must be bfloat16 [N]");
-  const at::Tensor x = x_in.contiguous(), q_t = q_in.contiguous(), scale_t = scale_in.contiguous();
-  const int64_t m = x.size(0), kp = x.size(1), n = q_t.size(0);
-  at::Tensor y = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return y;
+// y = bf16(d * scale[n]) over codes q [N, Kp] (C), x [M, Kp] bf16 widened once; scale S per row.
+template <typename C, typename S>
+void codes_mm(const at::Tensor& x, const typename C::T* q, const S* scale, int64_t n, bool scalar, at::Tensor& y) {
+  const int64_t m = x.size(0), kp = x.size(1);
   std::vector<float> xf(m * kp);
   const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
   for (int64_t i = 0; i < m * kp; ++i) xf[i] = static_cast<float>(xb[i]);
-  const int8_t* q = q_t.data_ptr<int8_t>();
-  const c10::BFloat16* scale = scale_t.data_ptr<c10::BFloat16>();
   c10::BFloat16* out = y.data_ptr<c10::BFloat16>();
   const int64_t rb = m == 1 ? kRowBlock : kWideBlock, blocks = (n + rb - 1) / rb;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     std::vector<float> d(rb * m);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * rb, rows = std::min(rb, n - n0);
-      const int8_t* qb = q + n0 * kp;
+      const typename C::T* qb = q + n0 * kp;
       bool done = false;
 #ifdef TOKENMILL_INT8_AVX2
       if (!scalar && m == 1 && rows == kRowBlock) {
@@ -185,12 +203,44 @@ at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& q_in, const at::Ten
 #endif
       if (!done)
         for (int64_t i = 0; i < m; ++i)
-          for (int64_t r = 0; r < rows; ++r) d[i * rb + r] = dot_scalar(qb + r * kp, xf.data() + i * kp, kp);
+          for (int64_t r = 0; r < rows; ++r) d[i * rb + r] = dot_scalar<C>(qb + r * kp, xf.data() + i * kp, kp);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t r = 0; r < rows; ++r)
           out[i * n + n0 + r] = c10::BFloat16(d[i * rb + r] * static_cast<float>(scale[n0 + r]));
     }
   });
+}
+
+// The checks both entry points make; returns y [M, N] bf16 (empty work: nothing to run).
+at::Tensor check_and_allocate(const char* name, const at::Tensor& x, const at::Tensor& q, at::ScalarType q_type,
+                              const char* q_name, const at::Tensor& scale, at::ScalarType scale_type,
+                              const char* scale_name) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, name, ": x must be [M, Kp] bfloat16, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == q_type && q.size(1) == x.size(1) && q.size(1) % 16 == 0, name,
+              ": q must be ", q_name, " [N, Kp] with x's Kp, a multiple of 16; got ", q.sizes(), " ",
+              q.scalar_type(), " for x ", x.sizes());
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == q.size(0) && scale.scalar_type() == scale_type, name,
+              ": scale must be ", scale_name, " [N]");
+  return at::empty({x.size(0), q.size(0)}, x.options());
+}
+
+at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& scale_in, bool scalar) {
+  at::Tensor y = check_and_allocate("int8_mm", x_in, q_in, at::kChar, "int8", scale_in, at::kBFloat16, "bfloat16");
+  if (y.numel() == 0) return y;
+  const at::Tensor q = q_in.contiguous(), scale = scale_in.contiguous();
+  codes_mm<Int8Codes>(x_in.contiguous(), q.data_ptr<int8_t>(), scale.data_ptr<c10::BFloat16>(), q.size(0), scalar,
+                      y);
+  return y;
+}
+
+at::Tensor fp8_mm(const at::Tensor& x_in, const at::Tensor& q_in, const at::Tensor& scale_in, bool scalar) {
+  at::Tensor y = check_and_allocate("fp8_mm", x_in, q_in, at::kFloat8_e4m3fn, "float8_e4m3fn", scale_in, at::kFloat,
+                                    "float32");
+  if (y.numel() == 0) return y;
+  const at::Tensor q = q_in.contiguous(), scale = scale_in.contiguous();
+  codes_mm<Fp8Codes>(x_in.contiguous(), reinterpret_cast<const uint8_t*>(q.data_ptr()), scale.data_ptr<float>(),
+                     q.size(0), scalar, y);
   return y;
 }
 
@@ -198,6 +248,10 @@ at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& q_in, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(tokenmill, m) {
   m.def("int8_mm(Tensor x, Tensor q, Tensor scale, bool scalar=False) -> Tensor");
+  m.def("fp8_mm(Tensor x, Tensor q, Tensor scale, bool scalar=False) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tokenmill, CPU, m) { m.impl("int8_mm", &int8_mm); }
+TORCH_LIBRARY_IMPL(tokenmill, CPU, m) {
+  m.impl("int8_mm", &int8_mm);
+  m.impl("fp8_mm", &fp8_mm);
+}
