@@ -119,19 +119,20 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
     SDPA gets 4-d [1, heads, len, D] tensors: its fused kernels (flash on the CPU and on CUDA)
     take only those, and 3-d ones fall back to the unfused math path (on two CPU cores 1.3-3x
-    slower at 128-1024 tokens). KV heads are shared by `group` query heads without copies
-    (enable_gqa), except for a masked chunk on CUDA, whose kernel that takes a mask (memory-
-    efficient) has no GQA: there they are repeated."""
+    slower at 128-1024 tokens). On the CPU, KV heads are shared by `group` query heads without
+    copies (enable_gqa); on CUDA they are repeated, as the memory-efficient kernel (float32, or a
+    mask) has no GQA."""
     n, s = q.shape[0], k.shape[0]
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, n, D], [1, Hkv, S, D]
+    gqa = group > 1 and not q.is_cuda
+    if group > 1 and q.is_cuda:
+        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
     if s == n:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=group > 1)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        if group > 1 and q.is_cuda:
-            kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
         make = _make_chunk_mask if torch.compiler.is_compiling() else _chunk_mask  # traced graphs: no cache
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=make(n, s, q.dtype, q.device), scale=scale,
-                                           enable_gqa=group > 1 and not q.is_cuda)
+                                           enable_gqa=gqa)
     return o[0].transpose(0, 1)
 
 

@@ -216,7 +216,7 @@ inline void rows_avx2(const float* wq, int64_t group, int64_t j0, const float* x
   }
 }
 
-// M > 1: each group of the tile widened to float once, then 6 x 16 blocks of x rows x tile rows
+// M >= kBlockedRows: each group of the tile widened to float once, then 6 x 16 blocks of x rows x tile rows
 // (12 accumulators: FMA latency hidden), a 4 x 16 block and single rows for the rest.
 template <int T>
 void tile_rows_avx2(const uint8_t* tile, const c10::BFloat16* sz, int64_t np, int64_t n0, int64_t k, int64_t group,
