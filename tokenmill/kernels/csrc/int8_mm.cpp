@@ -1,6 +1,7 @@
-// int8 weight (one scale per output row) x bf16 activations for CPUs without AVX-512 BF16 (AVX2 +
-// FMA), over the tensors Int8Linear keeps for aten::_weight_int8pack_mm: q int8 [N, Kp] (Kp a
-// multiple of 16) and scale bf16 [N].
+// int8 (or float8 e4m3fn) weight, one scale per output row, x bf16 activations for CPUs without
+// AVX-512 BF16 (AVX2 + FMA), over the tensors Int8Linear keeps for aten::_weight_int8pack_mm: q
+// int8 [N, Kp] (Kp a multiple of 16) and scale bf16 [N]; and over Fp8Linear's: q float8_e4m3fn
+// [N, K] (K a multiple of 16) and scale float32 [N], each code widened exactly (Fp8Codes below).
 //
 // On two Zen 3 cores torch's kernel streams a 49k x 576 LM head at ~10 GB/s at batch 1; this one
 // near the DRAM rate.
@@ -13,13 +14,15 @@
 //   y[m, n]  = bf16(d * scale[n])                                 round to nearest even
 //
 // M = 1 widens weights in registers, four rows at a time, with software prefetch; larger M takes
-// blocks of 8 weight rows, and for each 3 (then 2, 1) rows of x runs 2 x 3 blocks over the block's
-// pairs of rows, widening in registers too (widening each block to float once in memory was slower
-// at every M on Zen 3: the float copy is 4x the bytes to load). `scalar` runs the plain C++ form of the same arithmetic (tests
-// compare them bit for bit).
+// blocks of 8 weight rows and, for each three (or two) rows of x, runs 2 x 3 (2 x 2) register
+// blocks over the block's pairs of rows, widening in registers too (widening each block to float
+// once in memory was slower at every M on Zen 3: the float copy is 4x the bytes to load).
+// `scalar` runs the plain C++ form of the same arithmetic (tests compare them bit for bit).
 //
-// Schema: tokenmill::int8_mm(Tensor x [M, Kp] bf16, Tensor q [N, Kp] int8, Tensor scale [N] bf16,
-//                            bool scalar=False) -> [M, N] bf16
+// Schemas: tokenmill::int8_mm(Tensor x [M, Kp] bf16, Tensor q [N, Kp] int8, Tensor scale [N] bf16,
+//                             bool scalar=False) -> [M, N] bf16
+//          tokenmill::fp8_mm(Tensor x [M, K] bf16, Tensor q [N, K] float8_e4m3fn,
+//                            Tensor scale [N] float32, bool scalar=False) -> [M, N] bf16
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -121,7 +124,7 @@ void rows_one(const Q* q, int64_t kp, const float* x, float* d /* [4] */) {
   d[3] = finish8(a3, b3);
 }
 
-// Two int8 weight rows, widened in registers, against NX rows of x: d[i][r] for x row i,
+// Two weight rows (int8 or fp8 codes), widened in registers, against NX rows of x: d[i][r] for x row i,
 // weight row r. NX = 3 holds 12 accumulators and loads 10 vectors per 12 FMAs (2 x 2: 8 per 8).
 template <int NX, typename Q>
 void two_by_n(const Q* w0, const Q* w1, int64_t kp, const float* const* x, float d[][2]) {
