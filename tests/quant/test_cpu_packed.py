@@ -177,8 +177,10 @@ def test_fp8_layer_runs_the_chosen_kernel(monkeypatch):
         y = layer.matmul(x)
         assert y.dtype == torch.bfloat16
         assert float((y.float() - ref).norm() / ref.norm()) < 4e-3
+    monkeypatch.setenv("TOKENMILL_CPU_PACKED", "tokenmill")
     base.cpu_packed_kernel.cache_clear()
     assert not Fp8Linear.from_float(torch.randn(8, 40)).own_kernel  # K not a multiple of 16: emulated
+    base.cpu_packed_kernel.cache_clear()
 
 
 def test_fp8_bad_input_one_line_errors():
