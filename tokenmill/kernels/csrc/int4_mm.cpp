@@ -107,10 +107,15 @@ void tile_scalar(const uint8_t* tile, const c10::BFloat16* sz, int64_t np, int64
 }
 
 #ifdef TOKENMILL_INT4_AVX2
-// Group partial sums -> acc (the combine step, 8 lanes at a time; same ops as combine()).
+// The combine step 8 lanes at a time, same ops as combine(): fma(s, a, fma(z - 8 s, xs, acc)).
+inline __m256 combine_v(__m256 acc, __m256 s, __m256 zz, __m256 a, __m256 xs) {
+  return _mm256_fmadd_ps(s, a, _mm256_fmadd_ps(zz, xs, acc));
+}
+
+// Group partial sums -> acc, the scales from arrays.
 inline void combine8(float* acc, const float* s, const float* zz, __m256 a, float xs) {
-  const __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(zz), _mm256_set1_ps(xs), _mm256_loadu_ps(acc));
-  _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_loadu_ps(s), a, t));
+  const __m256 t = _mm256_loadu_ps(acc);
+  _mm256_storeu_ps(acc, combine_v(t, _mm256_loadu_ps(s), _mm256_loadu_ps(zz), a, _mm256_set1_ps(xs)));
 }
 
 // Eight bytes -> their low and high nibbles as float.
@@ -178,16 +183,16 @@ void tile_row_avx2(const uint8_t* tile, const c10::BFloat16* sz, int64_t np, int
       }
     }
     const c10::BFloat16* p = sz + (g * np + n0) * 2;
-    for (int i = 0; i < T / 8; ++i) {  // combine(): fma(s, a, fma(z - 8 s, xs, acc))
+    for (int i = 0; i < T / 8; ++i) {
       __m256 s, zz;
       scales8(p + 16 * i, s, zz);
       for (int r = 0; r < MR; ++r) {
         const __m256 xsv = _mm256_set1_ps(xs[r * groups + g]);
         if constexpr (MR == 1) {
-          total[i] = _mm256_fmadd_ps(s, a[r][i], _mm256_fmadd_ps(zz, xsv, total[i]));
+          total[i] = combine_v(total[i], s, zz, a[r][i], xsv);
         } else {
           float* t = acc + r * T + 8 * i;
-          _mm256_storeu_ps(t, _mm256_fmadd_ps(s, a[r][i], _mm256_fmadd_ps(zz, xsv, _mm256_loadu_ps(t))));
+          _mm256_storeu_ps(t, combine_v(_mm256_loadu_ps(t), s, zz, a[r][i], xsv));
         }
       }
     }
