@@ -8,6 +8,8 @@
     csrc/int4_mm.cpp            tokenmill::int4_mm, tokenmill::int8_mm (quant/int4.py, int8.py:
     csrc/int8_mm.cpp            packed weights x bf16 for CPUs without AVX-512, where torch's
                                 kernels convert bf16 in software)
+    csrc/int4_q8_mm.cpp         tokenmill::int4_q8_mm (quant/int4.py, opt-in: int4 weights x
+                                int8-quantized activations, AVX2 integer dot products)
 
 Built with torch's extension builder (g++ and ninja; `-O3 -march=native`, so the code is tuned to
 the CPU it runs on; one build per kind of CPU) into torch's extension cache (~10 s once;
@@ -48,7 +50,7 @@ def _isa_tag() -> str:
 NAME = f"tokenmill_cpu_kernels_{_isa_tag()}"
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "layer_ops.cpp",
                                                                    "decode_layers.cpp", "int4_mm.cpp",
-                                                                   "int8_mm.cpp")]
+                                                                   "int8_mm.cpp", "int4_q8_mm.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 ENV_SWITCH = "TOKENMILL_CPU_KERNELS"  # "0": never build or use them
 
@@ -134,6 +136,10 @@ def _register_fakes() -> None:
     def _(x, packed, group, scales_zeros, tile, scalar=False):
         return x.new_empty((x.shape[0], scales_zeros.shape[1]))
 
+    @torch.library.register_fake("tokenmill::int4_q8_mm")
+    def _(x, packed, group, scales_zeros, scalar=False):
+        return x.new_empty((x.shape[0], packed.shape[0] * 8))
+
     @torch.library.register_fake("tokenmill::int8_mm")
     def _(x, q, scale, scalar=False):
         return x.new_empty((x.shape[0], q.shape[0]))
@@ -173,6 +179,14 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: tor
     (quant/int4.py), [M, Np] bf16; float32 arithmetic, the same for every M (csrc/int4_mm.cpp).
     `scalar` runs the plain C++ form instead of the AVX2 one (same bits; tests)."""
     return torch.ops.tokenmill.int4_mm(x, packed, group, scales_zeros, tile, scalar)
+
+
+def int4_q8_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor,
+               scalar: bool = False) -> torch.Tensor:
+    """x [M, K] bf16 quantized to int8 per row and 32 columns, times a packed int4 weight of the
+    int8-activation layout (quant/int4.py: pack_q8), [M, Np] bf16; integer dot products, the same
+    for every M (csrc/int4_q8_mm.cpp). `scalar`: the plain C++ form (same bits)."""
+    return torch.ops.tokenmill.int4_q8_mm(x, packed, group, scales_zeros, scalar)
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, scalar: bool = False) -> torch.Tensor:

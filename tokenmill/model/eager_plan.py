@@ -34,7 +34,7 @@ from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.model.layers import RMSNorm
 from tokenmill.model.llama import DecoderLayer, LlamaForCausalLM
 from tokenmill.quant.base import ACT_DTYPE, QuantLinear
-from tokenmill.quant.int4 import Int4Linear
+from tokenmill.quant.int4 import Q8_LAYOUT, Int4Linear
 from tokenmill.quant.kv import QuantizedKVPool
 
 Tensor = torch.Tensor
@@ -157,7 +157,7 @@ def _whole_int4(mod: nn.Module) -> bool:
     """An int4 layer of the CPU layout whose kernel output is its output as is: no padding rows
     to drop, no bias to add."""
     return (isinstance(mod, Int4Linear) and mod.kernel == "cpu" and mod.bias is None
-            and mod.packed.shape[0] == mod.out_features)
+            and mod.scales_zeros.shape[1] == mod.out_features)
 
 
 def _norm(norm: RMSNorm, dtype: torch.dtype) -> Linear:
@@ -174,7 +174,9 @@ def _linear(mod: nn.Module, dtype: torch.dtype) -> Linear:
     if isinstance(mod, Int4Linear) and mod.kernel == "cpu" and dtype == ACT_DTYPE:
         packed, group, scales_zeros, n, bias = mod.packed, mod.group, mod.scales_zeros, mod.out_features, mod.bias
         tile = mod.cpu_tile
-        if tile:
+        if tile == Q8_LAYOUT:
+            op = torch.ops.tokenmill.int4_q8_mm
+        elif tile:
             own = torch.ops.tokenmill.int4_mm
             op = lambda x, packed, group, scales_zeros: own(x, packed, group, scales_zeros, tile)  # noqa: E731
         else:

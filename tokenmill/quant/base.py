@@ -139,6 +139,31 @@ def cpu_packed_kernel() -> str:
     return "torch"  # AVX-512 (torch's kernels are fast there), or a CPU its AVX2 code does not build for
 
 
+CPU_INT4_ACTIVATIONS = ("bf16", "int8")
+
+
+@functools.cache
+def cpu_int4_activations() -> str:
+    """bf16 | int8: what int4 CPU layers multiply their weights with. TOKENMILL_CPU_INT4_ACTIVATIONS=
+    int8 (opt-in) quantizes each activation row to int8 per 32 columns, as llama.cpp does, and runs
+    tokenmill's integer-dot-product kernel (kernels/csrc/int4_q8_mm.cpp; 1.4-2x the bf16 kernel's
+    speed on AVX2, docs/quantization.md), at the cost of that rounding; bf16 (default) keeps the
+    activations as they are."""
+    choice = os.environ.get("TOKENMILL_CPU_INT4_ACTIVATIONS", "bf16")
+    if choice not in CPU_INT4_ACTIVATIONS:
+        raise ConfigError(f"TOKENMILL_CPU_INT4_ACTIVATIONS={choice!r}: accepted {', '.join(CPU_INT4_ACTIVATIONS)}")
+    if choice == "int8":
+        from tokenmill.kernels import cpu as cpu_kernels
+
+        if not cpu_kernels.load():
+            raise ConfigError("TOKENMILL_CPU_INT4_ACTIVATIONS=int8 needs the C++ CPU kernels, which are unavailable "
+                              "(see the log)")
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            raise ConfigError("TOKENMILL_CPU_INT4_ACTIVATIONS=int8 needs an x86 CPU with AVX2 (this one: "
+                              f"{torch.backends.cpu.get_cpu_capability()})")
+    return choice
+
+
 def dense_min_tokens(device: torch.device) -> int:
     """M from which an int8 layer widens its weight to bf16 per call and runs one dense GEMM
     instead of the packed kernel. Measured on this CPU class (docs/quantization.md): the packed

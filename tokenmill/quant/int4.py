@@ -26,6 +26,13 @@ TOKENMILL_CUDA_INT4:
     not yet measured inside the engine, hence opt-in.
 The kernel runs at every M: unpacking to bf16 for a dense GEMM measured slower on CPU
 (base.dense_min_tokens).
+
+Int8 activations (opt-in, TOKENMILL_CPU_INT4_ACTIVATIONS=int8, base.cpu_int4_activations): CPU
+layers take their own layout instead, 8 rows by 8 columns per 32 bytes, and run tokenmill's
+`int4_q8_mm` (kernels/csrc/int4_q8_mm.cpp), which quantizes x to int8 per row and 32 columns
+and multiplies with integer dot products:
+
+    packed uint8 [Np/8, K/8, 32]:  packed[b, o, 4r + t] = q[8b + r, 8o + t] | q[8b + r, 8o + 4 + t] << 4
 """
 
 from __future__ import annotations
@@ -37,10 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.config import ConfigError, EngineConfig
-from tokenmill.quant.base import ACT_DTYPE, QuantLinear, check_k_multiple, cpu_packed_kernel
+from tokenmill.quant.base import ACT_DTYPE, QuantLinear, check_k_multiple, cpu_int4_activations, cpu_packed_kernel
 
 GROUP_SIZES = EngineConfig.GROUP_SIZES  # 32, 64, 128
 N_BLOCK = 64  # CPU layers are padded to whole 64-row blocks (one tile, or two of 32 rows)
+Q8_LAYOUT = -1  # Int4Linear.cpu_tile of a layer with the int8-activation layout (pack_q8)
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,10 +111,29 @@ def unpack_cpu_tiles(packed: torch.Tensor, np_: int, k: int, tile: int) -> torch
     return q.transpose(1, 2).reshape(np_, k)
 
 
+def pack_q8(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [Np, K] (Np a multiple of 8, K of 8) -> the int8-activation layout [Np/8, K/8, 32]
+    (module docstring)."""
+    np_, k = q.shape
+    v = q.to(torch.uint8).view(np_ // 8, 8, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [b, o, r, half, t]
+    return (v[..., 0, :] | v[..., 1, :] << 4).contiguous().view(np_ // 8, k // 8, 32)
+
+
+def unpack_q8(packed: torch.Tensor) -> torch.Tensor:
+    """pack_q8's inverse: q uint8 [Np, K]."""
+    nb, ko, _ = packed.shape
+    p = packed.view(nb, ko, 8, 1, 4)
+    v = torch.cat([p & 0xF, p >> 4], dim=3)  # [b, o, r, half, t]
+    return v.permute(0, 2, 1, 3, 4).reshape(nb * 8, ko * 8)
+
+
 def cpu_int4_tile() -> int:
-    """What a CPU layer built now runs: 0 for torch's kernel, else tokenmill's `int4_mm` over
-    tiles of this many rows (base.cpu_packed_kernel). Fixed when the layer is built, so that a
-    compiled graph sees a constant."""
+    """What a CPU layer built now runs: Q8_LAYOUT for tokenmill's `int4_q8_mm` (int8 activations,
+    base.cpu_int4_activations), else 0 for torch's kernel or tokenmill's `int4_mm` over tiles of
+    this many rows (base.cpu_packed_kernel). Fixed when the layer is built, so that a compiled
+    graph sees a constant."""
+    if cpu_int4_activations() == "int8":
+        return Q8_LAYOUT
     return cpu_tile_rows() if cpu_packed_kernel() == "tokenmill" else 0
 
 
@@ -117,7 +144,9 @@ def int4pack_available(device: torch.device) -> bool:
 
 
 class Int4Linear(QuantLinear):
-    cpu_tile = 0  # CPU layout: 0 runs torch's kernel, else tokenmill's over tiles of this many rows
+    # CPU layout: 0 runs torch's kernel, > 0 tokenmill's int4_mm over tiles of this many rows,
+    # Q8_LAYOUT tokenmill's int4_q8_mm (int8 activations) over pack_q8's layout
+    cpu_tile = 0
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                  bias: torch.Tensor | None = None) -> None:
@@ -144,8 +173,11 @@ class Int4Linear(QuantLinear):
             tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
             packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             self.cpu_tile = cpu_int4_tile()
+            if self.cpu_tile == Q8_LAYOUT:
+                packed = pack_q8(q)
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         self.register_buffer("packed", packed)
 
     @staticmethod
@@ -185,6 +217,8 @@ class Int4Linear(QuantLinear):
             return int4_matmul(x.contiguous(), self.packed, self.scales_zeros, self.group, self.out_features)
         if self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.contiguous(), self.packed, self.group, self.scales_zeros)
+        elif self.cpu_tile == Q8_LAYOUT:
+            y = torch.ops.tokenmill.int4_q8_mm(x.contiguous(), self.packed, self.group, self.scales_zeros)
         elif self.cpu_tile:
             y = torch.ops.tokenmill.int4_mm(x.contiguous(), self.packed, self.group, self.scales_zeros, self.cpu_tile)
         else:
@@ -198,6 +232,8 @@ class Int4Linear(QuantLinear):
             from tokenmill.quant.triton_int4 import unpack_int4_triton
 
             return unpack_int4_triton(self.packed, self.out_features, self.group)
+        if self.cpu_tile == Q8_LAYOUT:
+            return unpack_q8(self.packed)[: self.out_features]
         return unpack_cpu_tiles(self.packed, self.scales_zeros.shape[1], self.in_features,
                                 cpu_tile_rows())[: self.out_features]
 

@@ -13,8 +13,9 @@
 //   x = x + int4mm(o, W_o); g, u = int4mm(rms_norm(x, n2), W_gate_up) halves
 //   x = x + int4mm(silu(g) * u, W_down)
 //
-// int4mm is torch's aten::_weight_int4pack_mm_for_cpu, or with int4_tile > 0 (the layout's rows
-// per tile) tokenmill::int4_mm (int4_mm.cpp), as quant/int4.py chooses for the modules.
+// int4mm is torch's aten::_weight_int4pack_mm_for_cpu, with int4_tile > 0 (the layout's rows per
+// tile) tokenmill::int4_mm (int4_mm.cpp), with int4_tile = -1 (Q8_LAYOUT) tokenmill::int4_q8_mm
+// (int8 activations, int4_q8_mm.cpp), as quant/int4.py chooses for the modules.
 //
 // Schema (registered below; the layer lists hold 2 norms and 4 packed weights per layer):
 //   tokenmill::decode_layers_int4(Tensor x [T, hidden] bf16, Tensor[] norms, Tensor[] packed,
@@ -36,7 +37,11 @@ at::Tensor int4mm(const Tensor& x, const Tensor& packed, int64_t group, const Te
   static const auto own = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("tokenmill::int4_mm", "")
                               .typed<Tensor(const Tensor&, const Tensor&, int64_t, const Tensor&, int64_t, bool)>();
+  static const auto q8 = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("tokenmill::int4_q8_mm", "")
+                             .typed<Tensor(const Tensor&, const Tensor&, int64_t, const Tensor&, bool)>();
   if (tile > 0) return own.call(x.contiguous(), packed, group, scales_zeros, tile, false);
+  if (tile == -1) return q8.call(x.contiguous(), packed, group, scales_zeros, false);
   return at::_weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, scales_zeros);
 }
 
