@@ -8,7 +8,8 @@ early stop), all submitted together; output tokens/s from the first prompt token
 output token.
 
 - tokenmill: `bench_throughput` (continuous batching; chunked prefill; eager CPU steps) on the
-  default model (SmolLM2-135M-Instruct, Q4_1 GGUF) or --model.
+  default model (SmolLM2-135M-Instruct, Q4_1 GGUF) or --model; "tokenmill int8-act" is the same
+  with TOKENMILL_CPU_INT4_ACTIVATIONS=int8 (int4 layers on int8-quantized activations, opt-in).
 - llama.cpp: llama-cpp-python's low-level API on the same file, as llama.cpp's `batched` example
   runs it: one context with N sequences, every prompt prefilled (batches of up to n_batch tokens
   across sequences), then one `llama_decode` per step carrying one token of every sequence, the
@@ -123,10 +124,14 @@ def llama_cpp_run(model: str, n: int, input_len: int, output_len: int) -> dict:
             "decode_step_ms": step_s * 1e3}
 
 
+ENGINES = ("tokenmill", "tokenmill int8-act", "llama.cpp")
+
+
 def _child(engine: str, model: str, n: int, input_len: int, output_len: int) -> dict:
+    extra = {"TOKENMILL_CPU_INT4_ACTIVATIONS": "int8"} if engine == "tokenmill int8-act" else {}
     proc = subprocess.run([sys.executable, __file__, "--child", engine, model, str(n), str(input_len), str(output_len)],
                           capture_output=True, text=True, check=False, cwd=ROOT,
-                          env={**os.environ, "TOKENMILL_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(THREADS),
+                          env={**os.environ, **extra, "TOKENMILL_LOG_LEVEL": "WARNING", "OMP_NUM_THREADS": str(THREADS),
                                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -140,7 +145,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for engine in ("tokenmill", "llama.cpp"):
+    for engine in ENGINES:
         pts = [(r["batch"], r[engine]["output_tok_s"]) for r in rows if "error" not in r[engine]]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=engine)
@@ -157,7 +162,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         engine, model, n, i, o = sys.argv[2:7]
-        fn = tokenmill_run if engine == "tokenmill" else llama_cpp_run
+        fn = llama_cpp_run if engine == "llama.cpp" else tokenmill_run
         print(json.dumps(fn(model, int(n), int(i), int(o))))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -177,23 +182,28 @@ def main() -> None:
     best: dict[tuple[str, int], dict] = {}
     for rnd in range(args.rounds):
         for n in batches:
-            for engine in ("tokenmill", "llama.cpp"):
+            for engine in ENGINES:
                 print(f"round {rnd + 1}/{args.rounds}: {engine}, {n} requests ...", file=sys.stderr, flush=True)
                 r = _child(engine, model, n, args.input_len, args.output_len)
                 old = best.get((engine, n))
                 if old is None or "error" in old or ("error" not in r and r["output_tok_s"] > old["output_tok_s"]):
                     best[(engine, n)] = r
-    rows = [{"batch": n, "tokenmill": best[("tokenmill", n)], "llama.cpp": best[("llama.cpp", n)]} for n in batches]
+    rows = [{"batch": n, **{engine: best[(engine, n)] for engine in ENGINES}} for n in batches]
     print(f"\n{Path(model).name}, {args.input_len} prompt + {args.output_len} output tokens per request, "
           f"{THREADS} threads, fastest of {args.rounds} rounds\n")
-    print("| requests | tokenmill out tok/s | llama.cpp out tok/s | tokenmill / llama.cpp |")
-    print("|---|---|---|---|")
+    print("| requests | " + " | ".join(f"{e} out tok/s" for e in ENGINES) + " | tokenmill / llama.cpp "
+          "| int8-act / llama.cpp |")
+    print("|---" * (len(ENGINES) + 3) + "|")
+
+    def rate(r: dict) -> str:
+        return f"{r['output_tok_s']:.1f}" if "error" not in r else f"error: {r['error']}"
+
+    def ratio(a: dict, b: dict) -> str:
+        return f"{a['output_tok_s'] / b['output_tok_s']:.2f}x" if "error" not in a and "error" not in b else "-"
+
     for r in rows:
-        t, c = r["tokenmill"], r["llama.cpp"]
-        ft = f"{t['output_tok_s']:.1f}" if "error" not in t else f"error: {t['error']}"
-        fc = f"{c['output_tok_s']:.1f}" if "error" not in c else f"error: {c['error']}"
-        ratio = f"{t['output_tok_s'] / c['output_tok_s']:.2f}x" if "error" not in t and "error" not in c else "-"
-        print(f"| {r['batch']} | {ft} | {fc} | {ratio} |")
+        print(f"| {r['batch']} | " + " | ".join(rate(r[e]) for e in ENGINES)
+              + f" | {ratio(r['tokenmill'], r['llama.cpp'])} | {ratio(r['tokenmill int8-act'], r['llama.cpp'])} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.plot:

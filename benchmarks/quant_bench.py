@@ -42,6 +42,8 @@ SCHEMES = {  # label -> LLM kwargs
     "float32": {"quantization": "none", "dtype": "float32"},
     "gguf packed": {},
     "gguf packed + compile": {"compile": True},
+    # the same file, int4 layers multiplying int8-quantized activations (opt-in; quant/int4.py)
+    "gguf packed + int8 activations": {"env": {"TOKENMILL_CPU_INT4_ACTIVATIONS": "int8"}},
     "int8": {"quantization": "int8"},
     "int4 g32": {"quantization": "int4", "quant_group_size": 32},
     "fp8": {"quantization": "fp8"},  # tokenmill's kernel on AVX2-only CPUs, emulated elsewhere
@@ -134,6 +136,7 @@ def run_scheme(model: str, kwargs: dict, ppl: bool) -> dict:
     from tokenmill.llm import LLM
 
     torch.set_num_threads(2)
+    os.environ.update(kwargs.pop("env", {}))  # read when the layers are built
     t0 = time.perf_counter()
     llm = LLM(model, device="cpu", threads=2, kv_cache_memory_gb=0.05 + (INPUT_LEN + OUTPUT_LEN) / 1e4,
               max_model_len=max(1024, INPUT_LEN + OUTPUT_LEN + 16), max_num_batched_tokens=max(512, INPUT_LEN),

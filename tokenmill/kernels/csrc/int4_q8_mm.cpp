@@ -55,31 +55,34 @@ struct Quantized {
   std::vector<float> xs;   // [M, K / group]
 };
 
-// qx, d and xs of every row of x (the same code for both forms, so they quantize alike).
+// qx, d and xs of every row of x (the same code for both forms, so they quantize alike); rows in
+// parallel.
 Quantized quantize_rows(const c10::BFloat16* x, int64_t m, int64_t k, int64_t group) {
   Quantized q;
   const int64_t blocks = k / kBlock, groups = k / group;
   q.qx.resize(m * k);
   q.d.resize(m * blocks);
   q.xs.resize(m * groups);
-  std::vector<float> xf(k);
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t i = 0; i < k; ++i) xf[i] = static_cast<float>(x[r * k + i]);
-    for (int64_t j = 0; j < blocks; ++j) {
-      float amax = 0.f;
-      for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xf[j * kBlock + i]));
-      const float d = amax / 127.f;
-      const float id = d != 0.f ? 1.f / d : 0.f;
-      q.d[r * blocks + j] = d;
-      for (int64_t i = 0; i < kBlock; ++i)
-        q.qx[r * k + j * kBlock + i] = static_cast<int8_t>(std::nearbyint(xf[j * kBlock + i] * id));
+  at::parallel_for(0, m, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<float> xf(k);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t i = 0; i < k; ++i) xf[i] = static_cast<float>(x[r * k + i]);
+      for (int64_t j = 0; j < blocks; ++j) {
+        float amax = 0.f;
+        for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xf[j * kBlock + i]));
+        const float d = amax / 127.f;
+        const float id = d != 0.f ? 1.f / d : 0.f;
+        q.d[r * blocks + j] = d;
+        for (int64_t i = 0; i < kBlock; ++i)
+          q.qx[r * k + j * kBlock + i] = static_cast<int8_t>(std::nearbyint(xf[j * kBlock + i] * id));
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        float s = 0.f;
+        for (int64_t i = 0; i < group; ++i) s += xf[g * group + i];
+        q.xs[r * groups + g] = s;
+      }
     }
-    for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t i = 0; i < group; ++i) s += xf[g * group + i];
-      q.xs[r * groups + g] = s;
-    }
-  }
+  });
   return q;
 }
 
