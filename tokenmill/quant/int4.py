@@ -190,9 +190,9 @@ class Int4Linear(QuantLinear):
     @classmethod
     def concat_packed(cls, mods: list[Int4Linear], bias: torch.Tensor | None = None) -> Int4Linear:
         """The layers' output rows as one layer, built from their packed tiles as they are: a CPU
-        tile holds 64 or 32 whole rows, contiguous, so the packed tensors and the [K/g, Np, 2] scales
-        concatenate along the rows (the last layer's padding rows end the merged layer). At load
-        this replaces unpacking and repacking every q/k/v and gate/up."""
+        tile holds 64 or 32 whole rows (pack_q8's blocks 8), contiguous, so the packed tensors and
+        the [K/g, Np, 2] scales concatenate along the rows (the last layer's padding rows end the
+        merged layer). At load this replaces unpacking and repacking every q/k/v and gate/up."""
         first = mods[0]
         out = cls.__new__(cls)
         QuantLinear.__init__(out, first.in_features, sum(m.out_features for m in mods), bias)
