@@ -14,7 +14,8 @@ output token.
   runs it: one context with N sequences, every prompt prefilled (batches of up to n_batch tokens
   across sequences), then one `llama_decode` per step carrying one token of every sequence, the
   greedy argmax of each row's logits feeding the next step. Default context settings otherwise
-  (f16 KV cache, flash attention as llama.cpp chooses).
+  (f16 KV cache, flash attention as llama.cpp chooses); BATCH_BENCH_LLAMA_CPP="kv_unified=1,
+  flash_attn_type=1" sets integer fields of its context parameters, to try others.
 
 Both use 2 threads. Each (engine, N) runs in its own process; rounds alternate the engines and
 each figure keeps its fastest round (a shared host's contention comes in bursts).
