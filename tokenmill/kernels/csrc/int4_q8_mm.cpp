@@ -1,5 +1,5 @@
 // Packed int4 weights x int8-quantized activations (AVX2 integer dot products), llama.cpp's way of
-// running 4-bit weights on a CPU: opt-in (quant/int4.py, TOKENMILL_CPU_INT8_ACTIVATIONS), as the
+// running 4-bit weights on a CPU: opt-in (quant/int4.py, TOKENMILL_CPU_INT4_ACTIVATIONS=int8), as the
 // activations lose precision that the bf16 path (int4_mm.cpp) keeps.
 //
 // Why: int4_mm widens every weight to float32 and multiplies with FMAs, 8 products per
@@ -8,7 +8,7 @@
 // signed int8 activations per instruction, adding pairs into int16 lanes, and a nibble is used as
 // it is (no widening to float).
 //
-// Layout (quant/int4.py: cpu_q8_layout), 8 output rows by 8 columns per 32 bytes: packed uint8
+// Layout (quant/int4.py: pack_q8), 8 output rows by 8 columns per 32 bytes: packed uint8
 // [Np/8, K/8, 32]; byte 4r + t of (row block b, column octet o) holds q[8b + r, 8o + t] in its low
 // nibble and q[8b + r, 8o + 4 + t] in its high one. scales_zeros bf16 [K/g, Np, 2] is (s, z) per
 // group and row as for int4_mm, W[n, k] = (q - 8) s + z.
@@ -24,8 +24,9 @@
 //     acc = fma(s * d[m, j], isum_j, acc)                          for the group's blocks j ascending
 //   y[m, n]  = bf16(acc)                                           round to nearest even
 //
-// The integer sums are exact (per block of 32: |q qx| <= 15 * 127, eight vpmaddubsw pairs stay
-// within int16), so the AVX2 loop and the plain C++ form (`scalar`, tests) give the same bits.
+// The integer sums are exact (a vpmaddubsw lane adds two products, |q qx| <= 15 * 127 each; the 8
+// per block of 32 columns add up to at most 30480, inside int16), so the AVX2 loop and the plain
+// C++ form (`scalar`, tests) give the same bits.
 //
 // Schema: tokenmill::int4_q8_mm(Tensor x [M, K] bf16, Tensor packed [Np/8, K/8, 32] uint8, int group,
 //                               Tensor scales_zeros [K/g, Np, 2] bf16, bool scalar=False) -> [M, Np] bf16
