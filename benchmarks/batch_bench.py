@@ -42,7 +42,7 @@ def tokenmill_run(model: str, n: int, input_len: int, output_len: int) -> dict:
     from tokenmill import LLM
     from tokenmill.bench.runs import bench_throughput
 
-    llm = LLM(model=model or None, max_num_seqs=max(n, 1), max_model_len=input_len + output_len + 16)
+    llm = LLM(model=model, max_num_seqs=max(n, 1), max_model_len=input_len + output_len + 16)
     bench_throughput(llm, min(n, 4), input_len, 8)  # warm-up: first-call allocations, kernel loads
     r = bench_throughput(llm, n, input_len, output_len, seed=1)
     return {"output_tok_s": r.output_tokens_per_s, "elapsed_s": r.elapsed_s, "steps": r.steps,

@@ -146,8 +146,8 @@ CPU_INT4_ACTIVATIONS = ("bf16", "int8")
 def cpu_int4_activations() -> str:
     """bf16 | int8: what int4 CPU layers multiply their weights with. TOKENMILL_CPU_INT4_ACTIVATIONS=
     int8 (opt-in) quantizes each activation row to int8 per 32 columns, as llama.cpp does, and runs
-    tokenmill's integer-dot-product kernel (kernels/csrc/int4_q8_mm.cpp; 1.4-2x the bf16 kernel's
-    speed on AVX2, docs/quantization.md), at the cost of that rounding; bf16 (default) keeps the
+    tokenmill's integer-dot-product kernel (kernels/csrc/int4_q8_mm.cpp; on AVX2 1.4-2x the bf16
+    kernel's speed from 2 tokens per step up, docs/quantization.md), at the cost of that rounding; bf16 (default) keeps the
     activations as they are."""
     choice = os.environ.get("TOKENMILL_CPU_INT4_ACTIVATIONS", "bf16")
     if choice not in CPU_INT4_ACTIVATIONS:
