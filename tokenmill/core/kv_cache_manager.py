@@ -69,32 +69,37 @@ class KVCacheManager:
         Mutates the block table and pool only on success; returns False, changing nothing,
         when the pool has too few free blocks. On success the full blocks among the covered
         tokens are registered in the prefix cache."""
-        table = self.block_tables.get(request.request_id, [])
-        cached_blocks = cached_blocks or []
-        num_cached_tokens = len(cached_blocks) * self.block_size
-        total = request.num_computed_tokens + num_cached_tokens + num_new_tokens
-        need = -(-total // self.block_size) - len(table) - len(cached_blocks)
-        # cached blocks sitting in the free queue count against the free budget when touched
-        evictable_cached = sum(1 for b in cached_blocks if self.pool.ref_cnt[b] == 0)
-        if need > self.pool.num_free - evictable_cached:
-            return False
+        rid, bs = request.request_id, self.block_size
+        table = self.block_tables.get(rid, [])
+        total = request.num_computed_tokens + num_new_tokens
         if cached_blocks:
+            total += len(cached_blocks) * bs
+            need = -(-total // bs) - len(table) - len(cached_blocks)
+            # cached blocks sitting in the free queue count against the free budget when touched
+            evictable_cached = sum(1 for b in cached_blocks if self.pool.ref_cnt[b] == 0)
+            if need > self.pool.num_free - evictable_cached:
+                return False
             self.pool.touch(cached_blocks)
             table = table + cached_blocks
+        else:  # (a running request's step: the path taken once per request and step)
+            need = -(-total // bs) - len(table)
+            if need > self.pool.num_free:
+                return False
         if need > 0:
             table = table + self.pool.allocate(need)
-        self.block_tables[request.request_id] = table
+        self.block_tables[rid] = table
         if self.enable_prefix_caching:
             # only blocks whose tokens are all known and computed by the end of this step:
             # the chain may already be longer (find_cached_prefix hashes the whole prompt)
             # (each block once: re-offering a running request's whole table every step cost
             # ~0.2 ms per step at batch 64)
-            known = min(total, request.num_tokens)
-            hashes = self._hash_blocks(request, known)
-            n_full = known // self.block_size
-            for i in range(self._offered.get(request.request_id, 0), n_full):
-                self.pool.cache(table[i], hashes[i])
-            self._offered[request.request_id] = max(n_full, self._offered.get(request.request_id, 0))
+            n_full = min(total, request.num_tokens) // bs
+            offered = self._offered.get(rid, 0)
+            if n_full > offered:
+                hashes = self._hash_blocks(request, n_full * bs)
+                for i in range(offered, n_full):
+                    self.pool.cache(table[i], hashes[i])
+                self._offered[rid] = n_full
         return True
 
     def trim(self, request: Request) -> int:

@@ -153,6 +153,8 @@ def _suppress(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     rows: list[int] = []
     cols: list[int] = []
     for i, s in enumerate(states):
+        if not s.suppress_token_ids:
+            continue
         ids = [t for t in s.suppress_token_ids if 0 <= t < vocab]
         rows += [i] * len(ids)
         cols += ids

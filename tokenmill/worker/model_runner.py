@@ -200,19 +200,23 @@ class ModelRunner:
         prefills = []
         logits_idx = []
         for r in sched.requests:
-            first = len(token_ids)
-            pos = range(r.start, r.start + r.num_tokens)
-            token_ids.extend(r.token_ids)
-            positions.extend(pos)
-            table = r.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            ctx_len = r.start + r.num_tokens
-            if r.num_tokens == 1:
+            first, start, n, table = len(token_ids), r.start, len(r.token_ids), r.block_table
+            ctx_len = start + n
+            if n == 1:  # a decode: the path taken once per request and step
+                token_ids.append(r.token_ids[0])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
                 decode_idx.append(first)
                 decode_tables.append(table[: -(-ctx_len // bs)])
                 decode_lens.append(ctx_len)
-            else:
-                prefills.append((first, r.num_tokens, ctx_len, table[: -(-ctx_len // bs)]))
+                if r.sample:
+                    logits_idx.append(first)
+                continue
+            pos = range(start, ctx_len)
+            token_ids.extend(r.token_ids)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            prefills.append((first, n, ctx_len, table[: -(-ctx_len // bs)]))
             if r.sample:  # the last token, or the last real token and every draft
                 logits_idx.extend(range(len(token_ids) - 1 - len(r.spec_token_ids), len(token_ids)))
         width = max((len(t) for t in decode_tables), default=0)
