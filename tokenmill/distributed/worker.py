@@ -225,13 +225,14 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, segment: 
 def run_worker(config: EngineConfig, tp: TPGroup) -> None:
     """Load this rank's shard, then run every step rank 0 broadcasts until it sends None (or
     goes away)."""
-    from tokenmill.engine.llm_engine import load_shard, resolve_weights
+    from tokenmill.engine.llm_engine import load_shard, resolve_weights, settle_memory
 
     torch.manual_seed(config.seed)
     path, quantization, dtype = resolve_weights(config, tp.device)
     try:
         shard = load_shard(config, path, quantization, dtype, tp.device, tp, show_progress=False)
         tp.all_gather_object(shard.weight_bytes())  # rank 0 reports every rank's bytes
+        settle_memory()
         while (step := tp.broadcast_object()) is not None:
             shard.runner.run_step(step)
     except WorkerDiedError:

@@ -81,14 +81,16 @@ def settle_memory() -> None:
     """Once the engine is built: give the loader's freed temporaries back to the OS, and take the
     objects that live as long as the process out of the cyclic garbage collector.
 
-    * glibc keeps freed heap memory mapped: the float copies a load-time quantization makes left
-      140-350 MB of RSS behind on the default model (`malloc_trim` returns them).
+    * glibc keeps freed heap memory mapped: the loader's float temporaries left 190-500 MB of
+      RSS behind on the default model (most with fp8 at load; `malloc_trim` returns them).
     * Every full collection walks every tracked object (~300k after loading: the model's modules,
       the tokenizer, torch's own); decode steps allocate enough to trigger them, and at 256
       requests they cost ~0.6 ms per step (benchmarks/host_overhead.py). `gc.freeze` after a
       collection moves the survivors out of the collector's sight (vLLM does the same); they are
-      given back to it at exit, so finalizers still run."""
+      given back to it at exit, so finalizers still run, and before the next engine's collection,
+      so cycles left by an engine that is gone are still freed."""
     global _unfreeze_at_exit
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     if not _unfreeze_at_exit:
