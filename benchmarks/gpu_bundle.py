@@ -53,6 +53,7 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -c "from tokenmill.loader.resolve import default_model_path as p; print('default model:', p())"
 python benchmarks/gpu_bench.py --json "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
 python benchmarks/int4_kernels.py --json "$OUT/int4.json" 2>&1 | tee "$OUT/int4_kernels.log"
+python benchmarks/host_overhead.py --rounds 2 --json "$OUT/host.json" 2>&1 | tee "$OUT/host_overhead.log"
 """
 
 

@@ -17,6 +17,11 @@ their prefills, each phase of every step is timed by wrapping the engine's metho
     output     LLMEngine._output (detokenize, build RequestOutputs)
     other      the rest of LLMEngine.step and ModelRunner.execute
 
+On CUDA (the device is chosen as tokenmill chooses it) kernels run asynchronously: "model" is
+then the time to launch them (or replay a graph), and the device's own time lands where the host
+first waits for it, the sampler's one transfer of the sampled ids; read "sampler" there as
+sampling plus that wait.
+
 `--output-kind cumulative` is what a streaming server asks for (text and ids every step);
 `final_only` is LLM.generate's (text at the end). Figures: ms per step and µs per request per
 step, median over `--rounds` runs (each in this process, one after another).
@@ -71,6 +76,8 @@ def instrument(engine) -> dict[str, float]:
     timed(runner, "_tensors", "tensors", totals)
     timed(runner.model, "forward", "model", totals)
     timed(runner.model, "compute_logits", "model", totals)
+    if runner.cuda_graphs is not None:  # a decode step is one graph replay instead of forward
+        timed(runner.cuda_graphs, "run", "model", totals)
     timed(runner, "sampler", "sampler", totals)
     return totals
 
