@@ -211,8 +211,8 @@ def _special(tokens: Iterable[str], special: bool = True) -> list[AddedToken]:
 class Tokenizer:
     """Text <-> token ids for one model, plus its chat template and default stop tokens.
 
-    Immutable after construction; safe to share between requests and threads (the Rust tokenizer
-    is thread-safe for encode/decode)."""
+    Immutable after construction (a memo of one-token decodes aside); safe to share between
+    requests and threads (the Rust tokenizer is thread-safe for encode/decode)."""
 
     def __init__(
         self,
@@ -249,6 +249,9 @@ class Tokenizer:
         if self._id("<|return|>") is not None and self._id("<|call|>") is not None:
             stops.discard(self._id("<|end|>"))  # harmony: <|end|> ends a message, not the reply
         self.stop_token_ids: frozenset[int] = frozenset(i for i in stops if i is not None)
+        # decode([id]) by (id, skip_special_tokens): the detokenizer's window before each new
+        # token is usually that one token, once per request and step
+        self._one: dict[tuple[int, bool], str] = {}
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -357,6 +360,15 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; bytes that do not form whole UTF-8 characters decode to U+FFFD."""
+        if len(ids) == 1:
+            key = (ids[0], skip_special_tokens)
+            text = self._one.get(key)
+            if text is None:
+                text = self._one[key] = self._decode(ids, skip_special_tokens)
+            return text
+        return self._decode(ids, skip_special_tokens)
+
+    def _decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
