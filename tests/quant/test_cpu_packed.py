@@ -19,7 +19,15 @@ import torch
 from tokenmill.config import ConfigError
 from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.quant import base
-from tokenmill.quant.int4 import Int4Linear, cpu_tile_rows, dequantize_int4, quantize_int4, unpack_cpu_tiles
+from tokenmill.quant.int4 import (
+    Int4Linear,
+    cpu_tile_rows,
+    dequantize_int4,
+    quantize_int4,
+    tile_scales,
+    unpack_cpu_tiles,
+    untile_scales,
+)
 from tokenmill.quant.fp8 import FP8, Fp8Linear
 from tokenmill.quant.int8 import Int8Linear
 
@@ -60,6 +68,11 @@ def test_kernel_equals_plain_form_and_reference(tile, n, k, group):
     y = cpu_kernels.int4_mm(x, packed, group, sz, tile)
     assert y.dtype == torch.bfloat16 and y.shape == (13, n)
     assert torch.equal(y, cpu_kernels.int4_mm(x, packed, group, sz, tile, scalar=True))
+    tiled = tile_scales(sz, tile)  # the layout Int4Linear stores: the same numbers, the same bits
+    assert torch.equal(untile_scales(tiled), sz)
+    for m in (1, 2, 5, 13):  # both M < 6 paths and the blocked one, and the plain form
+        assert torch.equal(y[:m], cpu_kernels.int4_mm(x[:m], packed, group, tiled, tile))
+    assert torch.equal(y, cpu_kernels.int4_mm(x, packed, group, tiled, tile, scalar=True))
     # each row alone; M < 6 in pairs of rows and a single one (2, 3, 5), M >= 6 in blocks of 6, 4
     # and single rows (9, 10, 13)
     assert torch.equal(y, torch.cat([cpu_kernels.int4_mm(x[i:i + 1], packed, group, sz, tile) for i in range(13)]))
@@ -75,7 +88,7 @@ def test_kernel_equals_torch_kernel_within_rounding():
     layer = Int4Linear.from_float(torch.randn(200, 256) * 0.05, 32)  # 200 rows: padded to 256
     x = torch.randn(5, 256).to(torch.bfloat16)
     ours = cpu_kernels.int4_mm(x, layer.packed, 32, layer.scales_zeros, cpu_tile_rows())[:, :200]
-    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, 32, layer.scales_zeros)[:, :200]
+    theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, 32, layer.scale_rows())[:, :200]
     ref = x.float() @ layer.dequantize().t()
     for y in (ours, theirs):
         assert float((y.float() - ref).norm() / ref.norm()) < 4e-3
@@ -86,6 +99,21 @@ def test_layer_codes_round_trip():
     q, scale, zero = quantize_int4(w, 32)
     layer = Int4Linear(q, scale, zero, 32)
     assert torch.equal(layer.codes().int(), q.int())
+    # tokenmill's kernel reads tiled scales; scale_rows() gives the [K/g, Np, 2] ones back
+    assert layer.padded_rows == 192
+    if layer.cpu_tile:
+        assert layer.scales_zeros.shape == (192 // layer.cpu_tile, 2, layer.cpu_tile, 2)
+    sz = layer.scale_rows()
+    assert sz.shape == (2, 192, 2)
+    assert torch.equal(sz[:, :136, 0].t().float(), scale.to(torch.bfloat16).float())
+    assert torch.equal(sz[:, :136, 1].t().float(), zero.to(torch.bfloat16).float())
+
+
+def test_tiled_scales_shape_errors():
+    q, sz, _ = weights(64, 64, 32)
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"scales_zeros must be bfloat16 \[K/group, Np, 2\] or \[Np/32, K/group, 32"):
+        cpu_kernels.int4_mm(x, pack_by_hand(q, 32), 32, tile_scales(sz, 64), 32)
 
 
 def test_bad_input_one_line_errors():

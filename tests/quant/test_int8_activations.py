@@ -17,7 +17,7 @@ from tests.quant.test_cpu_packed import weights
 from tokenmill.config import ConfigError
 from tokenmill.kernels import cpu as cpu_kernels
 from tokenmill.quant import base
-from tokenmill.quant.int4 import Q8_LAYOUT, Int4Linear, pack_q8, unpack_q8
+from tokenmill.quant.int4 import Q8_LAYOUT, Int4Linear, pack_q8, tile_scales, unpack_q8
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="needs the C++ CPU kernels (g++ and ninja)")
 
@@ -71,10 +71,13 @@ def test_kernel_equals_plain_form_reference_and_rows_alone(n, k, group):
     x = torch.randn(13, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     x[3] = 0  # a zero row: d = 0, every code 0
     x[5, :32] = 0  # one zero block beside others
+    tiled = tile_scales(sz, 8)  # the layout Int4Linear stores: the same numbers, the same bits
     for m in (1, 2, 3, 4, 5, 8, 9, 13):
         y = cpu_kernels.int4_q8_mm(x[:m], packed, group, sz)
         assert y.dtype == torch.bfloat16 and y.shape == (m, n)
         assert torch.equal(y, cpu_kernels.int4_q8_mm(x[:m], packed, group, sz, scalar=True))
+        assert torch.equal(y, cpu_kernels.int4_q8_mm(x[:m], packed, group, tiled))
+        assert torch.equal(y, cpu_kernels.int4_q8_mm(x[:m], packed, group, tiled, scalar=True))
         ref = reference(x[:m], q, sz, group)
         assert torch.allclose(y.double(), ref, rtol=2**-8, atol=1e-3 * ref.abs().max().item())
         if m == 13:
@@ -100,6 +103,7 @@ def test_layer_builds_the_layout_and_matches_the_bf16_layer(int8_activations, mo
     w = torch.randn(200, 128, generator=torch.Generator().manual_seed(5)) * 0.05
     layer = Int4Linear.from_float(w, 32)
     assert layer.cpu_tile == Q8_LAYOUT and layer.packed.shape == (256 // 8, 128 // 8, 32)
+    assert layer.scales_zeros.shape == (256 // 8, 128 // 32, 8, 2) and layer.padded_rows == 256
     monkeypatch.setenv("TOKENMILL_CPU_INT4_ACTIVATIONS", "bf16")
     base.cpu_int4_activations.cache_clear()
     plain = Int4Linear.from_float(w, 32)
@@ -142,6 +146,7 @@ def test_bad_input_one_line_errors():
         ((x, packed, 48, sz), "group must be a positive multiple of 32"),
         ((x, packed.view(8, 16, 16), 32, sz), r"packed must be uint8 \[Np/8, K/8, 32\]"),
         ((x, packed, 32, sz.float()), r"scales_zeros must be bfloat16 \[K/group, Np, 2\]"),
+        ((x, packed, 32, tile_scales(sz, 8)[:, :1]), r"or \[Np/8, K/group, 8, 2\] = \[8, 2, 8, 2\]"),
         ((torch.randn(2, 96).to(torch.bfloat16), packed, 32, sz), r"packed must be uint8"),
     ]
     for args, message in cases:

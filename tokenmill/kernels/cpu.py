@@ -133,8 +133,8 @@ def _register_fakes() -> None:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("tokenmill::int4_mm")
-    def _(x, packed, group, scales_zeros, tile, scalar=False):
-        return x.new_empty((x.shape[0], scales_zeros.shape[1]))
+    def _(x, packed, group, scales_zeros, tile, scalar=False):  # Np: packed holds Np x K nibbles
+        return x.new_empty((x.shape[0], packed.numel() * 2 // x.shape[1]))
 
     @torch.library.register_fake("tokenmill::int4_q8_mm")
     def _(x, packed, group, scales_zeros, scalar=False):
@@ -176,7 +176,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor, tile: int,
             scalar: bool = False) -> torch.Tensor:
     """x [M, K] bf16 times a packed int4 weight of torch's CPU layout with `tile`-row tiles
-    (quant/int4.py), [M, Np] bf16; float32 arithmetic, the same for every M (csrc/int4_mm.cpp).
+    (quant/int4.py; scales tiled [Np/tile, K/g, tile, 2] or torch's [K/g, Np, 2]), [M, Np] bf16;
+    float32 arithmetic, the same for every M (csrc/int4_mm.cpp).
     `scalar` runs the plain C++ form instead of the AVX2 one (same bits; tests)."""
     return torch.ops.tokenmill.int4_mm(x, packed, group, scales_zeros, tile, scalar)
 
@@ -184,7 +185,8 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: tor
 def int4_q8_mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_zeros: torch.Tensor,
                scalar: bool = False) -> torch.Tensor:
     """x [M, K] bf16 quantized to int8 per row and 32 columns, times a packed int4 weight of the
-    int8-activation layout (quant/int4.py: pack_q8), [M, Np] bf16; integer dot products, the same
+    int8-activation layout (quant/int4.py: pack_q8; scales [Np/8, K/g, 8, 2] or [K/g, Np, 2]),
+    [M, Np] bf16; integer dot products, the same
     for every M (csrc/int4_q8_mm.cpp). `scalar`: the plain C++ form (same bits)."""
     return torch.ops.tokenmill.int4_q8_mm(x, packed, group, scales_zeros, scalar)
 

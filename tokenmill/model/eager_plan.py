@@ -157,7 +157,7 @@ def _whole_int4(mod: nn.Module) -> bool:
     """An int4 layer of the CPU layout whose kernel output is its output as is: no padding rows
     to drop, no bias to add."""
     return (isinstance(mod, Int4Linear) and mod.kernel == "cpu" and mod.bias is None
-            and mod.scales_zeros.shape[1] == mod.out_features)
+            and mod.padded_rows == mod.out_features)
 
 
 def _norm(norm: RMSNorm, dtype: torch.dtype) -> Linear:

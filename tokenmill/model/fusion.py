@@ -48,7 +48,7 @@ def merge_linears(mods: list[nn.Module]) -> nn.Module | None:
     if kind is Int4Linear and all(m.fusable for m in mods) and len({m.group for m in mods}) == 1:
         if Int4Linear.can_concat_packed(mods):  # whole packed row blocks: no unpacking and repacking
             return Int4Linear.concat_packed(mods, bias)
-        sz = [m.scales_zeros[:, : m.out_features].transpose(0, 1).float() for m in mods]  # [N, K/g, 2] each
+        sz = [m.scale_rows()[:, : m.out_features].transpose(0, 1).float() for m in mods]  # [N, K/g, 2] each
         sz = torch.cat(sz)
         return Int4Linear(torch.cat([m.codes() for m in mods]), sz[..., 0], sz[..., 1], mods[0].group, bias)
     if kind is Int8Linear:
