@@ -9,7 +9,7 @@
 //
 //   h = rms_norm(x, n1); qkv = int4mm(h, W_qkv)
 //   q, k = rope(qkv[:, :(H + Hkv) D]) split at H heads; v = qkv[:, (H + Hkv) D:]
-//   k_pool[slots] = k; v_pool[slots] = v; o = paged_decode_attention(q, pools, tables, lens)
+//   k_pool[slots] = k; v_pool[slots] = v (plain copies: write_slots); o = paged_decode_attention(...)
 //   x = x + int4mm(o, W_o); g, u = int4mm(rms_norm(x, n2), W_gate_up) halves
 //   x = x + int4mm(silu(g) * u, W_down)
 //
@@ -27,6 +27,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -43,6 +44,24 @@ at::Tensor int4mm(const Tensor& x, const Tensor& packed, int64_t group, const Te
   if (tile > 0) return own.call(x.contiguous(), packed, group, scales_zeros, tile, false);
   if (tile == -1) return q8.call(x.contiguous(), packed, group, scales_zeros, false);
   return at::_weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, scales_zeros);
+}
+
+// pool[slots[i]] = rows[i] for each token i: rows [T, Hkv, D] with each row's Hkv * D values
+// contiguous (a slice of the step's q/k/v), pool [blocks, block_size, Hkv, D] contiguous. What
+// index_copy_ does on the pool viewed [slots, Hkv, D] (a later duplicate slot wins), as plain
+// copies: two dispatcher calls and two views fewer per layer.
+void write_slots(const Tensor& pool, const Tensor& rows, const int64_t* slots, int64_t t) {
+  const int64_t width = rows.size(1) * rows.size(2), n = pool.numel() / width;
+  TORCH_CHECK(pool.is_contiguous() && pool.scalar_type() == rows.scalar_type() && rows.stride(2) == 1 &&
+                  rows.stride(1) == rows.size(2),
+              "decode_layers_int4: KV rows must be contiguous per token and the pool contiguous, of one dtype");
+  auto* dst = static_cast<char*>(pool.data_ptr());
+  const auto* src = static_cast<const char*>(rows.data_ptr());
+  const int64_t bytes = width * rows.element_size(), step = rows.stride(0) * rows.element_size();
+  for (int64_t i = 0; i < t; ++i) {
+    TORCH_CHECK(slots[i] >= 0 && slots[i] < n, "decode_layers_int4: slot ", slots[i], " outside the pool's ", n);
+    std::memcpy(dst + slots[i] * bytes, src + i * step, bytes);
+  }
 }
 
 Tensor decode_layers_int4(const Tensor& x0, at::TensorList norms, at::TensorList packed, at::TensorList scales_zeros,
@@ -69,20 +88,23 @@ Tensor decode_layers_int4(const Tensor& x0, at::TensorList norms, at::TensorList
   TORCH_CHECK(x0.dim() == 2 && x0.scalar_type() == at::kBFloat16, "x must be [T, hidden] bfloat16, got ",
               x0.sizes(), " ", x0.scalar_type());
   const int64_t t = x0.size(0), qk = (heads + kv_heads) * head_dim;
-  Tensor x = x0;
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == t, "slots must be int64 [T]");
+  const Tensor slots_c = slots.contiguous();
+  const int64_t* slot = slots_c.data_ptr<int64_t>();
+  Tensor x = x0.clone(at::MemoryFormat::Contiguous);  // the residual stream, added to in place
   for (int64_t l = 0; l < n; ++l) {
     const Tensor qkv = int4mm(rms_norm.call(x, norms[2 * l], eps), packed[4 * l], group, scales_zeros[4 * l], int4_tile);
     const std::vector<Tensor> q_k =
         rope.call(qkv.slice(1, 0, qk).view({t, heads + kv_heads, head_dim}), cos, sin).split_with_sizes({heads, kv_heads}, 1);
     const Tensor v = qkv.slice(1, qk).view({t, kv_heads, head_dim});
-    k_caches[l].view({-1, kv_heads, head_dim}).index_copy_(0, slots, q_k[1]);
-    v_caches[l].view({-1, kv_heads, head_dim}).index_copy_(0, slots, v);
+    write_slots(k_caches[l], q_k[1], slot, t);
+    write_slots(v_caches[l], v, slot, t);
     const Tensor o = attend.call(q_k[0], k_caches[l], v_caches[l], block_tables, ctx_lens, scale);
-    x = at::add(x, int4mm(o.reshape({t, heads * head_dim}), packed[4 * l + 1], group, scales_zeros[4 * l + 1], int4_tile));
+    x.add_(int4mm(o.reshape({t, heads * head_dim}), packed[4 * l + 1], group, scales_zeros[4 * l + 1], int4_tile));
     const Tensor gate_up =
         int4mm(rms_norm.call(x, norms[2 * l + 1], eps), packed[4 * l + 2], group, scales_zeros[4 * l + 2], int4_tile);
     const Tensor act = at::mul(at::silu(gate_up.slice(1, 0, intermediate)), gate_up.slice(1, intermediate));
-    x = at::add(x, int4mm(act, packed[4 * l + 3], group, scales_zeros[4 * l + 3], int4_tile));
+    x.add_(int4mm(act, packed[4 * l + 3], group, scales_zeros[4 * l + 3], int4_tile));
   }
   return x;
 }
