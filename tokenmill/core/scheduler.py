@@ -73,21 +73,20 @@ class Scheduler:
         preempted: list[str] = []
 
         i = 0
-        allocate = self.kv.allocate_slots
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 i += 1
                 continue
-            drafts = self._drafts_for(request, budget) if request.spec_token_ids else None
-            if drafts and allocate(request, 1 + len(drafts)):
+            drafts = self._drafts_for(request, budget)
+            if drafts and self.kv.allocate_slots(request, 1 + len(drafts)):
                 scheduled.append((request, 1 + len(drafts)))
                 spec[request.request_id] = drafts
                 budget -= 1 + len(drafts)
                 i += 1
                 continue
-            while not allocate(request, num_new):
+            while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()  # newest request
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -124,14 +123,14 @@ class Scheduler:
             budget -= num_new
 
         out = []
-        tables = self.kv.block_tables
         for request, num_new in scheduled:
             start = request.num_computed_tokens
             drafts = spec.get(request.request_id, []) if spec else []
             end = start + num_new - len(drafts)  # past the last real token of this step
             # (positional: this runs once per request and step, ~1 us a call with keywords)
             out.append(ScheduledRequest(request.request_id, request.token_ids_between(start, end) + drafts, start,
-                                        list(tables[request.request_id]), end == request.num_tokens, drafts))
+                                        list(self.kv.get_block_table(request.request_id)), end == request.num_tokens,
+                                        drafts))
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(requests=out, preempted=preempted, finished=finished)
 
@@ -171,13 +170,12 @@ class Scheduler:
             if sched.spec_token_ids:
                 rejected = len(sched.spec_token_ids) - max(len(tokens) - 1, 0)
                 request.num_computed_tokens += len(sched.token_ids) - rejected
-                request.spec_token_ids = []
                 if rejected:
                     self.kv.trim(request)
             else:
                 request.num_computed_tokens += len(sched.token_ids)
-                if request.spec_token_ids:  # drafts the step had no room for
-                    request.spec_token_ids = []
+            if request.spec_token_ids:  # this step's drafts (or those it had no room for) are spent
+                request.spec_token_ids = []
             if not tokens:
                 continue
             updated.append(request)

@@ -69,7 +69,7 @@ void widen_rows(const c10::BFloat16* x, int64_t m, int64_t k, int64_t group, flo
   }
 }
 
-// The group's (s, z - 8 s) of the tile's T rows, as float32 (`szt`, `gstride`: TileScales).
+// The group's (s, z - 8 s) of the tile's T rows, as float32 (`szt`, `gstride`: as run_tiles sets them).
 template <int T>
 inline void tile_scales(const c10::BFloat16* szt, int64_t gstride, int64_t g, float* s, float* zz) {
   const c10::BFloat16* p = szt + g * gstride;
