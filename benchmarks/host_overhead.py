@@ -22,11 +22,12 @@ then the time to launch them (or replay a graph), and the device's own time land
 first waits for it, the sampler's one transfer of the sampled ids; read "sampler" there as
 sampling plus that wait.
 
-`--output-kind cumulative` is what a streaming server asks for (text and ids every step);
-`final_only` is LLM.generate's (text at the end). Figures: ms per step and µs per request per
+`--output-kind delta` is what the server asks for (each step's text and ids); `cumulative`
+copies everything so far into every step's output (vLLM's default); `final_only` is
+LLM.generate's (text at the end). Figures: ms per step and µs per request per
 step, median over `--rounds` runs (each in this process, one after another).
 
-    python benchmarks/host_overhead.py [--batches 1,64,256] [--output-kind cumulative] [--json F]
+    python benchmarks/host_overhead.py [--batches 1,64,256] [--output-kind delta] [--json F]
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tokenmill.sampling_params import OUTPUT_KINDS  # noqa: E402
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 2048, "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -111,7 +114,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--output-kind", default="cumulative", choices=["cumulative", "final_only"])
+    ap.add_argument("--output-kind", default="delta", choices=OUTPUT_KINDS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

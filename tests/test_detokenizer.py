@@ -22,6 +22,31 @@ def byte_level(model_path):
     return Tokenizer.from_gguf(model_path)
 
 
+class Windowed:
+    """A tokenizer seen through the detokenizer's protocol alone (no byte_pieces): the window
+    decodes every tokenizer can take, counted."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.calls = tok, []
+        self.special_token_ids, self.byte_token_ids = tok.special_token_ids, tok.byte_token_ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.calls.append(len(ids))
+        return self.tok.decode(ids, skip_special_tokens)
+
+    def encode(self, text, add_special_tokens=True):  # for the tests' own use
+        return self.tok.encode(text, add_special_tokens)
+
+    @property
+    def vocab_size(self):
+        return self.tok.vocab_size
+
+
+@pytest.fixture(scope="module")
+def byte_level_windowed(byte_level):
+    return Windowed(byte_level)
+
+
 @pytest.fixture(scope="module")
 def sentencepiece():
     """A small SentencePiece-style tokenizer: "▁" spaces, byte fallback, leading-space strip."""
@@ -121,7 +146,7 @@ def _random_ids(tok: Tokenizer, rng: random.Random, n: int) -> list[int]:
 @given(
     seed=st.integers(0, 2**32 - 1),
     n=st.integers(1, 40),
-    which=st.sampled_from(["byte_level", "sentencepiece"]),
+    which=st.sampled_from(["byte_level", "byte_level_windowed", "sentencepiece"]),
     skip=st.booleans(),
 )
 def test_streamed_text_equals_decode(request, seed, n, which, skip):
@@ -138,21 +163,49 @@ def test_streamed_text_equals_decode(request, seed, n, which, skip):
 
 
 def test_work_per_token_is_bounded(byte_level):
-    """Each step decodes a window of a few tokens, not the whole output."""
-    calls = []
-
-    class Counting:
-        special_token_ids = byte_level.special_token_ids
-        byte_token_ids = byte_level.byte_token_ids
-
-        def decode(self, ids, skip_special_tokens=True):
-            calls.append(len(ids))
-            return byte_level.decode(ids, skip_special_tokens)
-
+    """Each step decodes a window of a few tokens, not the whole output; a byte-level tokenizer
+    with its byte pieces decodes nothing."""
+    counting = Windowed(byte_level)
     ids = byte_level.encode(("The quick brown fox jumps over the lazy dog. " + MULTIBYTE) * 40)
-    deltas, _ = stream(Counting(), ids)
+    deltas, _ = stream(counting, ids)
     assert "".join(deltas) == byte_level.decode(ids)
-    assert len(ids) > 1000 and max(calls) <= 8 and len(calls) <= 2 * len(ids) + 2
+    assert len(ids) > 1000 and max(counting.calls) <= 8 and len(counting.calls) <= 2 * len(ids) + 2
+
+    class Pieces(Windowed):
+        def byte_pieces(self, skip_special_tokens=True):
+            return self.tok.byte_pieces(skip_special_tokens)
+
+    counting = Pieces(byte_level)
+    deltas, _ = stream(counting, ids)
+    assert "".join(deltas) == byte_level.decode(ids) and counting.calls == []
+
+
+def test_byte_pieces_concatenate_to_decode(byte_level, sentencepiece):
+    """decode(ids) is the lossy UTF-8 decoding of the tokens' byte pieces joined, for any ids
+    (cut characters, special tokens kept or skipped, ids past the vocabulary); tokenizers whose
+    decoder does more than map bytes have none."""
+    rng = random.Random(0)
+    n = byte_level.vocab_size
+    for skip in (True, False):
+        pieces = byte_level.byte_pieces(skip)
+        assert len(pieces) == n and pieces is byte_level.byte_pieces(skip)  # built once
+        for _ in range(500):
+            ids = _random_ids(byte_level, rng, rng.randint(1, 12))
+            joined = b"".join(pieces[t] if t < n else b"" for t in ids).decode("utf-8", "replace")
+            assert joined == byte_level.decode(ids, skip_special_tokens=skip), ids
+    assert byte_level.byte_pieces(True)[byte_level.eos_token_id] == b""
+    assert byte_level.byte_pieces(False)[byte_level.eos_token_id] == b"<|im_end|>"  # the instruct model's eos
+    assert sentencepiece.byte_pieces() is None
+    cleaned = Tokenizer(byte_level.backend, bos_token=None, eos_token=None, clean_up_tokenization_spaces=True)
+    assert cleaned.byte_pieces() is None  # " ." -> "." is not a per-token map
+
+
+@pytest.mark.parametrize("which", ["byte_level", "byte_level_windowed"])
+def test_ids_past_the_vocabulary_add_no_text(request, byte_level, which):
+    """A model's vocabulary can be wider than its tokenizer's: such ids add nothing, as in decode."""
+    ids = [*byte_level.encode("Hi 😀"), byte_level.vocab_size + 5, *byte_level.encode(" there")]
+    deltas, detok = stream(request.getfixturevalue(which), ids)
+    assert "".join(deltas) == detok.text == byte_level.decode(ids) == "Hi 😀 there"
 
 
 # -- stop strings ---------------------------------------------------------------------------------
@@ -209,7 +262,7 @@ def test_stop_string_inside_a_multibyte_character_run(byte_level):
 @given(
     seed=st.integers(0, 2**32 - 1),
     include=st.booleans(),
-    which=st.sampled_from(["byte_level", "sentencepiece"]),
+    which=st.sampled_from(["byte_level", "byte_level_windowed", "sentencepiece"]),
 )
 def test_stop_strings_match_the_reference(request, seed, include, which):
     tok = request.getfixturevalue(which)

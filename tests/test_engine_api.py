@@ -91,6 +91,35 @@ def test_final_only_gives_one_output_equal_to_the_cumulative_last(llm, stop):
     assert b.text and (b.delta, b.delta_token_ids) == (b.text, b.token_ids)  # all of it in the one output
 
 
+@pytest.mark.parametrize("stop", [None, [". "]], ids=["no-stop", "stop-string"])
+def test_delta_outputs_add_up_to_the_cumulative_ones(llm, stop):
+    """A "delta" request yields, step for step, what its cumulative twin adds: the concatenation
+    of its texts, token ids and logprobs up to any step is that step's cumulative output, and
+    num_output_tokens counts the tokens so far in both kinds."""
+    engine = llm.engine
+    outs: dict[str, list] = {"cumulative": [], "delta": []}
+    for kind in outs:
+        engine.add_request(kind, PROMPT, SamplingParams(temperature=0, max_tokens=24, logprobs=2, stop=stop,
+                                                        ignore_eos=True, output_kind=kind))
+    seen = []  # a cumulative output's logprobs list grows with the request: keep each step's
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+            if out.request_id == "cumulative":
+                seen.append(list(out.outputs[0].logprobs))
+    assert len(outs["delta"]) == len(outs["cumulative"]) > 1
+    text, ids, logprobs = "", [], []
+    for cum, part, cum_logprobs in zip(outs["cumulative"], outs["delta"], seen):
+        a, d = cum.outputs[0], part.outputs[0]
+        assert (d.text, d.token_ids) == (d.delta, d.delta_token_ids) == (a.delta, a.delta_token_ids)
+        text, ids, logprobs = text + d.text, ids + d.token_ids, logprobs + d.logprobs
+        assert (text, ids, logprobs) == (a.text, a.token_ids, cum_logprobs)
+        assert d.num_output_tokens == a.num_output_tokens == len(a.token_ids)
+        assert (d.finish_reason, d.stop_reason, d.cumulative_logprob, part.finished) == \
+            (a.finish_reason, a.stop_reason, a.cumulative_logprob, cum.finished)
+    assert part.finished and text
+
+
 def test_logprobs_are_consistent(llm):
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, logprobs=3))[0].outputs[0]
     assert len(out.logprobs) == len(out.token_ids)
@@ -105,7 +134,7 @@ def test_logprobs_are_consistent(llm):
      ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 99}, "logprobs"), ({"stop": [""]}, "stop"),
      ({"presence_penalty": 3}, "presence_penalty"), ({"n": 0}, "n"), ({"min_p": 2}, "min_p"),
      ({"temperature": float("nan")}, "temperature"), ({"repetition_penalty": float("nan")}, "repetition_penalty"),
-     ({"top_p": float("inf")}, "top_p"), ({"output_kind": "delta"}, "output_kind")],
+     ({"top_p": float("inf")}, "top_p"), ({"output_kind": "deltas"}, "output_kind")],
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError, match=f"invalid {field}="):

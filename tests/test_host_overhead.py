@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import host_overhead  # noqa: E402
 
 
-@pytest.mark.parametrize("kind", ["cumulative", "final_only"])
+@pytest.mark.parametrize("kind", ["cumulative", "delta", "final_only"])
 def test_phases_add_up_to_the_step(tmp_path, kind):
     from tokenmill.llm import LLM
 

@@ -89,7 +89,7 @@ def _params(max_tokens, temperature, top_p, top_k, min_p, seed, stop, ignore_eos
 
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                           seed=seed, stop=stop or None, ignore_eos=ignore_eos,
-                          repetition_penalty=repetition_penalty)
+                          repetition_penalty=repetition_penalty, output_kind="delta")  # streams print deltas
 
 
 @app.command()

@@ -77,6 +77,8 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     delta: str = ""  # text added by the latest step (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
+    # output tokens so far, whatever the output kind (a "delta" output's token_ids are the step's)
+    num_output_tokens: int = 0
 
 
 @dataclass

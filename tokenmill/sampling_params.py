@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
 
 class InvalidRequestError(ValueError):
     """A request the engine cannot accept; the message is one line naming the field."""
@@ -19,9 +21,12 @@ class SamplingParams:
     in the same batch. `logprobs=n` returns the sampled token's logprob and the n most likely.
     `speculative=False` opts a request out of speculative decoding (same output distribution).
     `output_kind`: "cumulative" (every step that adds tokens yields an output with the whole text
-    and token ids so far, and the step's delta) or "final_only" (one output, when the request
-    finishes; the engine then skips the per-step outputs, and without stop strings decodes the
-    text once at the end). `LLM.generate` asks for final_only, as vLLM's does.
+    and token ids so far, and the step's delta), "delta" (the same outputs carrying only what the
+    step added: text, token ids and logprobs; `num_output_tokens` counts them all; no per-step
+    copy of what came before, which grows with the output: what a streaming server asks for) or
+    "final_only" (one output, when the request finishes; the engine then skips the per-step
+    outputs, and without stop strings decodes the text once at the end). `LLM.generate` asks for
+    final_only, as vLLM's does.
     """
 
     n: int = 1
@@ -42,7 +47,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     speculative: bool = True  # may the engine's speculative decoding serve this request
-    output_kind: str = "cumulative"  # or "final_only"
+    output_kind: str = "cumulative"  # or "delta", "final_only"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     MAX_LOGPROBS = 20
@@ -80,8 +85,8 @@ class SamplingParams:
             raise bad("logprobs", f"must be an integer in [0, {self.MAX_LOGPROBS}] or None")
         if not isinstance(self.speculative, bool):
             raise bad("speculative", "must be true or false")
-        if self.output_kind not in ("cumulative", "final_only"):
-            raise bad("output_kind", "must be 'cumulative' or 'final_only'")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise bad("output_kind", "must be 'cumulative', 'delta' or 'final_only'")
         stop = self.stop
         if isinstance(stop, str):
             stop = [stop]

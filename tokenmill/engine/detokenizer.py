@@ -21,6 +21,11 @@ is exactly the new text. Two things are held back rather than emitted:
   * a tail of the text that could be the start of a stop string ("Obs" while stop is
     "Observation:"); it is released once it cannot be, or at `finish()`.
 
+Byte-level BPE tokenizers (GPT-2's scheme: Llama 3, SmolLM2, Qwen) need no decode call at all:
+their text is the UTF-8 decoding of the tokens' bytes concatenated (`Tokenizer.byte_pieces`), so
+each step feeds the new tokens' bytes to an incremental UTF-8 decoder, which holds back a
+character's incomplete bytes by itself (~10x less work per token than a window decode).
+
 After the first complete stop string, `text` ends just before it (or just after it, with
 `include_stop_str_in_output`), `stop_reason` names it, and later tokens are ignored.
 Invariant: `text` == decode(output_ids) truncated as above, once `finish()` has run.
@@ -28,6 +33,7 @@ Invariant: `text` == decode(output_ids) truncated as above, once `finish()` has 
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -66,10 +72,16 @@ class IncrementalDetokenizer:
         self.text = ""  # emitted so far: the concatenation of every returned delta
         self.stop_reason: str | None = None
         self.finished = False
-        self._decoded = ""  # decode(output_ids[:read_offset]); `text` is a prefix of it
+        # decode(output_ids[:read_offset]) (byte-level: less a character's incomplete bytes);
+        # `text` is a prefix of it
+        self._decoded = ""
         self._prefix_offset = 0
         self._read_offset = 0
         self._skipped = tokenizer.special_token_ids if skip_special_tokens else frozenset()
+        byte_pieces = getattr(tokenizer, "byte_pieces", None)  # optional: the protocol's decode suffices
+        self._pieces = byte_pieces(skip_special_tokens) if byte_pieces is not None else None
+        if self._pieces is not None:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         if not incremental and self.stop:
             raise ValueError("stop strings need incremental detokenization")
         self.incremental = incremental
@@ -81,6 +93,10 @@ class IncrementalDetokenizer:
         self.output_token_ids.extend(new_token_ids)
         if not self.incremental:
             return ""
+        if self._pieces is not None and not self.stop:  # all of it can be shown: text == _decoded
+            delta = self._decode_bytes(final=False)
+            self.text = self._decoded = self.text + delta
+            return delta
         self._decoded += self._decode_window(final=False)
         return self._emit(final=False)
 
@@ -100,6 +116,8 @@ class IncrementalDetokenizer:
 
     def _decode_window(self, final: bool) -> str:
         """Text of output_ids[read_offset:], or "" while it ends mid-character (unless final)."""
+        if self._pieces is not None:
+            return self._decode_bytes(final)
         ids, p, r = self.output_token_ids, self._prefix_offset, self._read_offset
         if r == len(ids) or (not final and self._in_byte_run()):
             return ""
@@ -118,6 +136,20 @@ class IncrementalDetokenizer:
             self._prefix_offset = r
         self._read_offset = len(ids)
         return delta
+
+    def _decode_bytes(self, final: bool) -> str:
+        """The same, for byte-level tokenizers: the new tokens' bytes through the incremental
+        decoder (a character's first bytes wait there for the rest; ids the tokenizer does not
+        know add nothing, as in decode)."""
+        ids, r, pieces = self.output_token_ids, self._read_offset, self._pieces
+        n = len(pieces)
+        self._read_offset = len(ids)
+        if len(ids) == r + 1:
+            t = ids[r]
+            data = pieces[t] if 0 <= t < n else b""
+        else:
+            data = b"".join(pieces[t] if 0 <= t < n else b"" for t in ids[r:])
+        return self._utf8.decode(data, final)
 
     def _in_byte_run(self) -> bool:
         """Whether the last token that reaches the decoder is a byte-fallback token."""

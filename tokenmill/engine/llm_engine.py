@@ -325,7 +325,7 @@ class LLMEngine:
                               output_token_ids=request.output_token_ids, generator=generator)
         detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens,
                                        params.stop, params.include_stop_str_in_output,
-                                       incremental=params.output_kind == "cumulative" or bool(params.stop))
+                                       incremental=params.output_kind != "final_only" or bool(params.stop))
         self.scheduler.add_request(request)
         self._tracks[request_id] = _Track(request, text, state, detok, [] if params.logprobs is not None else None)
 
@@ -475,6 +475,7 @@ class LLMEngine:
                 del request.output_token_ids[num_before + i + 1 :]
                 new = new[: i + 1]
                 break
+        first_logprob = len(track.logprobs) if track.logprobs is not None else 0
         if track.logprobs is not None and rid in result.logprobs:
             lps = result.accepted_logprobs.get(rid, []) + [result.logprobs[rid]]
             tops = result.accepted_top_logprobs.get(rid, []) + [result.top_logprobs.get(rid, [])]
@@ -497,20 +498,27 @@ class LLMEngine:
             if self.proposer is not None:
                 self.proposer.free(rid)
         emitted = len(new)
-        if request.params.output_kind == "final_only":
+        kind = request.params.output_kind
+        if kind == "final_only":
             if not finished:
                 return None, emitted
             delta, new = track.detok.text, list(request.output_token_ids)  # since its previous output: all
+        if kind == "delta":  # only this step's part: no copy of what earlier outputs carried
+            text, token_ids = delta, new
+            logprobs = track.logprobs[first_logprob:] if track.logprobs is not None else None
+        else:
+            text, token_ids, logprobs = track.detok.text, list(request.output_token_ids), track.logprobs
         completion = CompletionOutput(
             index=0,
-            text=track.detok.text,
-            token_ids=list(request.output_token_ids),
+            text=text,
+            token_ids=token_ids,
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
-            logprobs=track.logprobs,
+            logprobs=logprobs,
             cumulative_logprob=track.cumulative_logprob if track.logprobs is not None else None,
             delta=delta,
             delta_token_ids=new,
+            num_output_tokens=len(request.output_token_ids),
         )
         return RequestOutput(
             request_id=request.request_id,

@@ -252,6 +252,7 @@ class Tokenizer:
         # decode([id]) by (id, skip_special_tokens): the detokenizer's window before each new
         # token is usually that one token, once per request and step
         self._one: dict[tuple[int, bool], str] = {}
+        self._pieces: dict[bool, tuple[bytes, ...] | None] = {}  # byte_pieces(), built on first use
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -367,6 +368,40 @@ class Tokenizer:
                 text = self._one[key] = self._decode(ids, skip_special_tokens)
             return text
         return self._decode(ids, skip_special_tokens)
+
+    def byte_pieces(self, skip_special_tokens: bool = True) -> tuple[bytes, ...] | None:
+        """Every token's bytes, indexed by id (skipped special tokens: b""), where decode(ids) is
+        exactly the lossy UTF-8 decoding of their concatenation; None where it is not. That holds
+        for byte-level BPE (GPT-2, Llama 3, SmolLM2, Qwen: a ByteLevel decoder alone) whose added
+        tokens are ASCII, without the transformers clean-up; SentencePiece decoders (a leading
+        space stripped, byte-fallback runs) are not of that kind. A streaming detokenizer then
+        needs no decode call per token (engine/detokenizer.py). Built on first use (~0.1 s for a
+        49k vocabulary)."""
+        if skip_special_tokens not in self._pieces:
+            self._pieces[skip_special_tokens] = self._byte_pieces(skip_special_tokens)
+        return self._pieces[skip_special_tokens]
+
+    def _byte_pieces(self, skip_special_tokens: bool) -> tuple[bytes, ...] | None:
+        decoder = self.backend.decoder
+        if self.clean_up_tokenization_spaces or decoder is None:
+            return None
+        if json.loads(decoder.__getstate__()).get("type") != "ByteLevel":
+            return None
+        added = self.backend.get_added_tokens_decoder()
+        if not all(t.content.isascii() for t in added.values()):
+            return None
+        byte_of = {c: bytes([b]) for b, c in _BYTE_SPELLING.items()}
+        pieces = []
+        for i in range(self.backend.get_vocab_size(with_added_tokens=True)):
+            token = added.get(i)
+            if token is not None:  # added tokens are text, not byte spellings
+                skip = skip_special_tokens and i in self.special_token_ids
+                pieces.append(b"" if skip else token.content.encode())
+                continue
+            spelling = self.backend.id_to_token(i)
+            # a character outside the byte alphabet stands for itself, as the decoder reads it
+            pieces.append(b"".join(byte_of.get(c) or c.encode() for c in spelling) if spelling else b"")
+        return tuple(pieces)
 
     def _decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -313,15 +313,15 @@ class AsyncEngine:
         for out in outputs:
             o = out.outputs[0]
             new = len(o.delta_token_ids)  # more than one when speculative drafts were accepted
-            if len(o.token_ids) > new:
+            if o.num_output_tokens > new:
                 decode_tokens += new
-                context_tokens += len(out.prompt_token_ids) + len(o.token_ids)
+                context_tokens += len(out.prompt_token_ids) + o.num_output_tokens
             owner = self._owners.get(out.request_id)
             if owner is None:
                 continue
             stream, index = owner
-            logprobs = o.logprobs[-new:] if o.logprobs and new else None
-            delta = Delta(index, o.delta, list(o.delta_token_ids), logprobs, o.finish_reason,
+            logprobs = o.logprobs if o.logprobs and new else None  # delta outputs: the step's
+            delta = Delta(index, o.delta, o.delta_token_ids, logprobs, o.finish_reason,
                           o.stop_reason, out.num_cached_tokens)
             batches.setdefault(id(stream), (stream, []))[1].append(delta)
             if out.finished:

@@ -122,6 +122,7 @@ def _params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
             logprobs=logprobs,
+            output_kind="delta",  # the server streams and sums the steps' parts itself
         )
     except InvalidRequestError as e:
         m = _FIELD.search(str(e))

@@ -89,11 +89,11 @@ class ServerMetrics:
         for out in step.outputs:
             o = out.outputs[0]
             self.generation_tokens.inc(len(o.delta_token_ids))
-            if len(o.token_ids) == len(o.delta_token_ids):  # its first tokens: the prompt is in
+            if o.num_output_tokens == len(o.delta_token_ids):  # its first tokens: the prompt is in
                 self.prompt_tokens.inc(len(out.prompt_token_ids))
         for request, out in step.finished:
             m = out.metrics
-            n_out = len(out.outputs[0].token_ids)
+            n_out = out.outputs[0].num_output_tokens
             if m is not None and m.first_token_time is not None and m.finish_time is not None:
                 self.ttft.observe(max(m.first_token_time - request.arrival_time, 0.0))
                 self.e2e.observe(max(m.finish_time - request.arrival_time, 0.0))
