@@ -52,6 +52,16 @@ def test_merged_equals_concatenated_outputs(kind, m, outs):
         assert torch.equal(merged.codes(), torch.cat([mod.codes() for mod in mods]))
 
 
+def test_layers_with_and_without_bias_merge():
+    """q with a bias beside k/v without (or the other way round): zeros stand in, in the bias's
+    dtype and on its device."""
+    for first in (False, True):
+        mods = _linears("float", [64, 32], 64, bias=first) + _linears("float", [32], 64, bias=not first)
+        merged = merge_linears(mods)
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(merged(x), torch.cat([mod(x) for mod in mods], dim=-1))
+
+
 def test_unlike_layers_stay_separate():
     a = _linears("int4", [64], 64, bias=False)[0]
     b = _linears("int8", [64], 64, bias=False)[0]

@@ -200,6 +200,10 @@ class LLMEngine:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None and config.tensor_parallel_size == 1:
+            # Triton launches on the current device's stream, and graphs capture on it: make it
+            # the one asked for (tensor-parallel ranks set theirs, distributed/worker.py)
+            torch.cuda.set_device(self.device)
         self.model_path, self.quantization, self.dtype = resolve_weights(config, self.device)
         self.tp, self._tp_launcher = None, None
         if config.tensor_parallel_size > 1:
@@ -347,6 +351,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """(propose ->) schedule -> execute -> update. Returns an output for every request that
         got tokens."""
+        launcher = self._tp_launcher
+        if launcher is not None and launcher.death is not None:  # a rank died while the engine was idle
+            raise WorkerDiedError(launcher.death)
         t0 = time.perf_counter()
         draft_probs = self._propose() if self.proposer is not None else {}
         sched = self.scheduler.schedule()

@@ -28,7 +28,8 @@ def _bias(mods: list[nn.Module]) -> torch.Tensor | None:
     biases = [m.bias for m in mods]
     if all(b is None for b in biases):
         return None
-    return torch.cat([b.data if b is not None else torch.zeros(m.out_features, dtype=mods[0].bias.dtype)
+    ref = next(b for b in biases if b is not None)  # zeros where one has none, beside the others
+    return torch.cat([b.data if b is not None else torch.zeros(m.out_features, dtype=ref.dtype, device=ref.device)
                       for b, m in zip(biases, mods)])
 
 

@@ -11,7 +11,8 @@ buffers, refilled before each replay:
 
 The per-step inputs travel as one host-to-device copy: all five live in one int64 device
 buffer, mirrored by a pinned host buffer that each step refills row by row (the step ends by
-reading its sampled tokens back, so the copy has landed before the host buffer is reused).
+reading its sampled tokens back, so the copy has usually landed before the host buffer is reused;
+an event recorded after the copy covers a step without sampled rows).
 
 With a compiled decode step (--compile), the graphs capture the compiled layer groups: their
 Inductor kernels fuse the norms, RoPE and activations, so each layer replays a few kernels
@@ -61,17 +62,23 @@ class CudaGraphDecoder:
         b_max = self.buckets[-1]
         self.scratch_block = scratch_block
         self.pad_slot = scratch_block * block_size
-        # host rows: ids, positions, slots, ctx_lens, then the block tables [b_max, max_blocks]
-        self.host = torch.zeros(b_max * (4 + self.max_blocks), dtype=torch.long, pin_memory=True)
-        self.buffer = torch.zeros_like(self.host, device=device)
-        self.ids, self.positions, self.slots, self.ctx_lens, tables = self.buffer.split(
-            [b_max] * 4 + [b_max * self.max_blocks])
-        self.tables = tables.view(b_max, self.max_blocks)
-        h_ids, h_pos, h_slots, h_ctx, h_tables = self.host.split([b_max] * 4 + [b_max * self.max_blocks])
-        self.host_rows = (h_ids, h_pos, h_slots, h_ctx, h_tables.view(b_max, self.max_blocks))
-        self._pad_rows(0, b_max)
-        self.buffer.copy_(self.host)
-        self.rows = torch.arange(b_max, device=device)
+        # Inference tensors, as every input of the compiled layer groups was when they were traced
+        # (model_runner's dummy decodes): a normal tensor fails the guards, and each bucket's
+        # warm-up would compile every group again.
+        with torch.inference_mode():
+            # host rows: ids, positions, slots, ctx_lens, then the block tables [b_max, max_blocks]
+            self.host = torch.zeros(b_max * (4 + self.max_blocks), dtype=torch.long,
+                                    pin_memory=device.type == "cuda")
+            self.buffer = torch.zeros_like(self.host, device=device)
+            self.ids, self.positions, self.slots, self.ctx_lens, tables = self.buffer.split(
+                [b_max] * 4 + [b_max * self.max_blocks])
+            self.tables = tables.view(b_max, self.max_blocks)
+            h_ids, h_pos, h_slots, h_ctx, h_tables = self.host.split([b_max] * 4 + [b_max * self.max_blocks])
+            self.host_rows = (h_ids, h_pos, h_slots, h_ctx, h_tables.view(b_max, self.max_blocks))
+            self._pad_rows(0, b_max)
+            self.buffer.copy_(self.host)
+            self.rows = torch.arange(b_max, device=device)
+        self.copied = None  # a CUDA event: the last step's host-to-device copy has landed
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         t0 = time.perf_counter()
@@ -100,13 +107,16 @@ class CudaGraphDecoder:
             args = (self.ids[:b], self.positions[:b], self.kv_caches, self._meta(b))
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
-                for _ in range(2):
-                    self.model(*args, self.groups)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.hidden[b] = self.model(*args, self.groups)  # [b, hidden], a static output
+            # should a compiled group still recompile here, float settings stay constants (as
+            # in model_runner's compile)
+            with torch._dynamo.config.patch(specialize_float=True):
+                with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
+                    for _ in range(2):
+                        self.model(*args, self.groups)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.hidden[b] = self.model(*args, self.groups)  # [b, hidden], a static output
             pool = graph.pool()
             self.graphs[b] = graph
 
@@ -121,6 +131,8 @@ class CudaGraphDecoder:
         read it before the next replay)."""
         n = len(step.token_ids)
         b = next(x for x in self.buckets if x >= n)
+        if self.copied is not None:  # a step whose rows all sampled has waited already; others not
+            self.copied.synchronize()
         ids, pos, slots, ctx, tables = self.host_rows
         ids[:n] = long_tensor(step.token_ids)
         pos[:n] = long_tensor(step.positions)
@@ -131,5 +143,8 @@ class CudaGraphDecoder:
         if b > n:
             self._pad_rows(n, b)
         self.buffer.copy_(self.host, non_blocking=True)
+        if self.device.type == "cuda":
+            self.copied = self.copied or torch.cuda.Event()
+            self.copied.record()
         self.graphs[b].replay()
         return self.hidden[b][:n]
