@@ -98,3 +98,10 @@ def test_staged_decode_gives_the_eager_tokens(staged, llm, compile):
     assert 0 in taken[0] and taken[0] & taken[1]  # the second round wrote where the first had
     replays = {b: g.replays for b, g in decoder.graphs.items()}
     assert all(replays[b] > 0 for b in (1, 2, 4, 8)), replays  # every bucket, padded ones included
+
+
+def test_buckets_end_at_max_num_seqs():
+    assert cuda_graphs.buckets_for(8) == [1, 2, 4, 8]
+    assert cuda_graphs.buckets_for(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert cuda_graphs.buckets_for(1) == [1] and cuda_graphs.buckets_for(3) == [1, 2, 3]
+    assert cuda_graphs.buckets_for(1000)[-2:] == [128, 256]  # larger batches decode eagerly

@@ -41,6 +41,13 @@ log = logging.getLogger("tokenmill")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+def buckets_for(max_batch: int) -> list[int]:
+    """Batch sizes to capture: the powers of two below max_num_seqs, then max_num_seqs itself (so
+    a full batch of, say, 100 replays a graph rather than running eagerly), up to 256."""
+    top = min(max(max_batch, 1), BUCKETS[-1])
+    return [b for b in BUCKETS if b < top] + [top]
+
+
 def usable(device: torch.device, kv_cache_dtype: str) -> bool:
     """Graphs need CUDA and a Triton decode kernel for the KV cache: a plain pool, or codes it
     reads (attention/triton_decode.py)."""
@@ -58,7 +65,7 @@ class CudaGraphDecoder:
         self.model, self.kv_caches, self.device, self.groups = model, kv_caches, device, groups
         self.block_size = block_size
         self.max_blocks = -(-max_model_len // block_size)
-        self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
+        self.buckets = buckets_for(max_batch)
         b_max = self.buckets[-1]
         self.scratch_block = scratch_block
         self.pad_slot = scratch_block * block_size
