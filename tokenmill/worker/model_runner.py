@@ -282,6 +282,8 @@ class ModelRunner:
         sampling = [r for r in sched.requests if r.sample]
         if logits is None:
             return ModelRunnerOutput(sampled={})
+        if not any(r.spec_token_ids for r in sampling):  # one row each, in order: no drafts to verify
+            return self._sample_plain(logits, sampling, states)
         draft_probs = draft_probs or {}
         first_row: dict[str, int] = {}
         plain_rows: list[int] = []  # rows the ordinary sampler picks
@@ -335,6 +337,20 @@ class ModelRunner:
                 if drafts:
                     out.accepted_logprobs[rid] = row_logprobs[first : first + a]
                     out.accepted_top_logprobs[rid] = row_top[first : first + a]
+        return out
+
+    def _sample_plain(self, logits: torch.Tensor, sampling: list[ScheduledRequest],
+                      states: dict[str, SamplingState]) -> ModelRunnerOutput:
+        """execute() for a step without drafts (every step without speculative decoding): row i
+        of the logits is request i's; no per-row bookkeeping."""
+        sampled = self.sampler(logits, [states[r.request_id] for r in sampling])
+        out = ModelRunnerOutput(sampled=dict(zip([r.request_id for r in sampling], sampled.token_ids)))
+        if sampled.logprobs is not None:
+            tops = sampled.top_logprobs
+            for j, r in enumerate(sampling):
+                if states[r.request_id].params.logprobs is not None:
+                    out.logprobs[r.request_id] = sampled.logprobs[j]
+                    out.top_logprobs[r.request_id] = tops[j] if tops else []
         return out
 
     def _verify_with_q(self, logits: torch.Tensor, requests: list[ScheduledRequest], first_row: dict[str, int],
