@@ -67,6 +67,13 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         stops = [stop] if isinstance(stop, str) else list(stop or ())
         self.stop = [s for s in stops if s]
+        # the stops' proper prefixes by their last character, longest first: the only candidates
+        # for a held-back tail that ends in that character
+        prefixes: dict[str, set[str]] = {}
+        for stop in self.stop:
+            for k in range(1, len(stop)):
+                prefixes.setdefault(stop[k - 1], set()).add(stop[:k])
+        self._prefixes_by_end = {c: sorted(ps, key=len, reverse=True) for c, ps in prefixes.items()}
         self.include_stop_str_in_output = include_stop_str_in_output
         self.output_token_ids: list[int] = []
         self.text = ""  # emitted so far: the concatenation of every returned delta
@@ -187,11 +194,10 @@ class IncrementalDetokenizer:
 
     def _partial_stop_len(self, start: int) -> int:
         """Length of the longest tail of the unemitted text that is a proper prefix of a stop."""
-        tail = self._decoded[start:]
-        longest = 0
-        for stop in self.stop:
-            for k in range(min(len(stop) - 1, len(tail)), longest, -1):
-                if tail.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
+        decoded = self._decoded
+        if len(decoded) <= start:
+            return 0
+        for prefix in self._prefixes_by_end.get(decoded[-1], ()):
+            if decoded.endswith(prefix, start):  # within the unemitted text
+                return len(prefix)
+        return 0
