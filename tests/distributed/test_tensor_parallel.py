@@ -183,6 +183,42 @@ def test_a_step_stuck_on_a_dead_rank_ends_the_process():
     assert time.monotonic() - t0 < 120
 
 
+IDLE_DEATH = """
+import os, signal, time
+from tokenmill.distributed.group import WorkerDiedError
+from tokenmill.llm import LLM
+from tokenmill.sampling_params import SamplingParams
+
+llm = LLM("smollm2-135m", device="cpu", dtype="float32", quantization="none", tensor_parallel_size=2,
+          kv_cache_memory_gb=0.1, show_progress=False)
+engine = llm.engine
+launcher = engine._tp_launcher
+os.kill(launcher.procs[0].pid, signal.SIGKILL)  # while no step runs
+assert launcher.died.wait(30)
+
+def stuck_forward(*args, **kwargs):  # as a step whose NCCL collective waits for the dead rank
+    time.sleep(600)
+
+engine.runner.execute = stuck_forward
+engine.add_request("r", "Once upon a time", SamplingParams(max_tokens=4))
+t0 = time.monotonic()
+try:
+    engine.step()
+except WorkerDiedError as e:
+    print(f"raised after {time.monotonic() - t0:.2f} s: {e}")
+"""
+
+
+def test_a_rank_that_died_while_idle_fails_the_next_step_at_once():
+    """The watchdog ends a step stuck on a dead rank; a rank that dies between steps makes the
+    next step raise before it runs anything (it would otherwise wait in a collective)."""
+    proc = subprocess.run([sys.executable, "-c", IDLE_DEATH], capture_output=True, text=True, cwd=ROOT,
+                          timeout=180, check=False, env=os.environ | {"TOKENMILL_LOG_LEVEL": "WARNING"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "raised after 0.0" in proc.stdout, proc.stdout
+    assert "tensor-parallel worker rank 1 was killed by signal 9" in proc.stdout
+
+
 def test_killed_worker_fails_the_request_in_flight_and_the_server_exits(tmp_path):
     import openai
 
