@@ -183,3 +183,5 @@ def test_bad_engine_config():
         EngineConfig(dtype="float8")
     with pytest.raises(ConfigError, match="device"):
         EngineConfig(device="tpu")
+    with pytest.raises(ConfigError, match=r"^device='cuda:1' with tensor_parallel_size 2: .*CUDA_VISIBLE_DEVICES$"):
+        EngineConfig(device="cuda:1", tensor_parallel_size=2)

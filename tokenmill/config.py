@@ -172,3 +172,7 @@ class EngineConfig:
                               "use draft (a whole draft model on rank 0), ngram or none")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r}: accepted auto, cpu, cuda, cuda:N")
+        if self.tensor_parallel_size > 1 and self.device.startswith("cuda:"):
+            raise ConfigError(f"device={self.device!r} with tensor_parallel_size {self.tensor_parallel_size}: each "
+                              "rank takes the GPU of its local rank; give device cuda and choose the GPUs with "
+                              "CUDA_VISIBLE_DEVICES")
