@@ -377,11 +377,20 @@ class Tokenizer:
         space stripped, byte-fallback runs) are not of that kind. A streaming detokenizer then
         needs no decode call per token (engine/detokenizer.py). Built on first use (~0.1 s for a
         49k vocabulary)."""
-        if skip_special_tokens not in self._pieces:
-            self._pieces[skip_special_tokens] = self._byte_pieces(skip_special_tokens)
+        if False not in self._pieces:
+            self._pieces[False] = self._byte_pieces()
+        if skip_special_tokens and True not in self._pieces:  # the same pieces, special tokens blank
+            pieces = self._pieces[False]
+            if pieces is not None:
+                pieces = list(pieces)
+                for i in self.special_token_ids:
+                    pieces[i] = b""
+                pieces = tuple(pieces)
+            self._pieces[True] = pieces
         return self._pieces[skip_special_tokens]
 
-    def _byte_pieces(self, skip_special_tokens: bool) -> tuple[bytes, ...] | None:
+    def _byte_pieces(self) -> tuple[bytes, ...] | None:
+        """byte_pieces with special tokens kept as their text."""
         decoder = self.backend.decoder
         if self.clean_up_tokenization_spaces or decoder is None:
             return None
@@ -395,8 +404,7 @@ class Tokenizer:
         for i in range(self.backend.get_vocab_size(with_added_tokens=True)):
             token = added.get(i)
             if token is not None:  # added tokens are text, not byte spellings
-                skip = skip_special_tokens and i in self.special_token_ids
-                pieces.append(b"" if skip else token.content.encode())
+                pieces.append(token.content.encode())
                 continue
             spelling = self.backend.id_to_token(i)
             # a character outside the byte alphabet stands for itself, as the decoder reads it
